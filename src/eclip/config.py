@@ -1,0 +1,195 @@
+"""Configuration dataclasses and named presets.
+
+Everything that shapes a model or an objective lives here, so that an ablation is a change of
+one field. Presets are plain functions returning fresh dataclasses; `override` applies
+`"a.b=value"` strings on top, the way a command line does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+
+@dataclass
+class VisionConfig:
+    kind: str = "vit"  # built-in tiny ViT; later issues add open_clip / timm
+    # "conv": three stride-2 convolutions instead of one patchify layer. Early convolutions make
+    # small ViTs train faster and keep tokens local, which grounding relies on.
+    stem: str = "conv"
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class TextConfig:
+    kind: str = "transformer"  # built-in text transformer with the offline hash tokenizer
+    vocab_size: int = 8192
+    context_length: int = 32
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DecoderConfig:
+    num_queries: int = 8
+    depth: int = 2
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # None means no instance decoder: the CLIP baseline.
+    decoder: DecoderConfig | None = field(default_factory=DecoderConfig)
+    embed_dim: int = 128
+    selection: str = "softmax"  # "softmax" or "max" over the instance queries
+    selection_temperature: float = 0.1
+    init_logit_scale: float = 1 / 0.07
+    max_logit_scale: float = 100.0
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+
+@dataclass
+class LossConfig:
+    """Weights of the four objectives (DESIGN.md, Objectives). Zero switches one off."""
+
+    global_weight: float = 1.0
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+    productness_weight: float = 1.0
+    # "cross_image": selected instances of two images of one product are pulled together and
+    # pushed from other products' selected instances. "within_image": the selected instance of
+    # one image must pick out the selected query of the other image among all its queries.
+    intra_mode: str = "cross_image"
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _tiny() -> ModelConfig:
+    return ModelConfig()
+
+
+def _small() -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(image_size=128, patch_size=16, width=256, depth=6, heads=4),
+        text=TextConfig(width=256, depth=4, heads=4, context_length=48),
+        decoder=DecoderConfig(num_queries=16, depth=3, width=256, heads=4),
+        embed_dim=256,
+    )
+
+
+def _base() -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(stem="patch", image_size=224, patch_size=16, width=768, depth=12, heads=12),
+        text=TextConfig(width=512, depth=12, heads=8, context_length=77, vocab_size=49408),
+        decoder=DecoderConfig(num_queries=16, depth=6, width=512, heads=8),
+        embed_dim=512,
+    )
+
+
+MODEL_PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+
+OBJECTIVE_PRESETS = {
+    "eclip": LossConfig,
+    "clip": lambda: LossConfig(inter_weight=0.0, intra_weight=0.0, productness_weight=0.0),
+}
+
+
+def model_preset(name: str, objective: str = "eclip") -> ModelConfig:
+    """A named model preset. With objective "clip" the decoder is removed (the baseline)."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+    config = MODEL_PRESETS[name]()
+    if objective == "clip":
+        config.decoder = None
+    return config
+
+
+def objective_preset(name: str) -> LossConfig:
+    if name not in OBJECTIVE_PRESETS:
+        raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVE_PRESETS)}")
+    return OBJECTIVE_PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- (de)serialise
+
+
+def to_dict(config: Any) -> dict:
+    return asdict(config)
+
+
+def from_dict(cls: type, data: dict | None) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
+    if data is None:
+        return None
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _dataclass_type(cls, name)
+        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    """The dataclass type of field `name` of `cls` (looking through `X | None`), or None."""
+    hint = typing.get_type_hints(cls).get(name)
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def override(config: Any, assignments: list[str]) -> Any:
+    """Apply `"a.b=value"` overrides; values are parsed as JSON when they parse, else strings."""
+    config = dataclasses.replace(config)
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ValueError(f"override {assignment!r} is not of the form key=value")
+        key, raw = assignment.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        _set_path(config, key.strip().split("."), value, assignment)
+    return config
+
+
+def _set_path(obj: Any, path: list[str], value: Any, assignment: str) -> None:
+    for i, name in enumerate(path[:-1]):
+        if not hasattr(obj, name):
+            raise ValueError(f"override {assignment!r}: no field {'.'.join(path[: i + 1])!r}")
+        child = getattr(obj, name)
+        if child is None:
+            raise ValueError(f"override {assignment!r}: {'.'.join(path[: i + 1])} is None")
+        child = dataclasses.replace(child)
+        setattr(obj, name, child)
+        obj = child
+    last = path[-1]
+    if not is_dataclass(obj) or last not in {f.name for f in fields(obj)}:
+        raise ValueError(f"override {assignment!r}: no field {'.'.join(path)!r}")
+    current = getattr(obj, last)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"override {assignment!r}: expected true/false")
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    setattr(obj, last, value)

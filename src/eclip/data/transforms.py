@@ -1,0 +1,53 @@
+"""Image loading and preprocessing. Images are squashed to a square so that a box given as
+fractions of the width and height keeps its meaning."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+MEAN = 0.5
+STD = 0.5
+
+# A listing photo larger than this is refused rather than decoded (decompression bombs).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+def load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def to_uint8_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) uint8."""
+    image = image.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float, the model's input."""
+    return (images.float() / 255.0 - MEAN) / STD
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    return (images * STD + MEAN).clamp(0, 1)
+
+
+def augment_view(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A second view of a product that has only one image: random resized crop (60-100 % of
+    the area, aspect 3/4-4/3), horizontal flip and a brightness jitter. uint8 in, uint8 out."""
+    _, h, w = image.shape
+    r = torch.rand(5, generator=generator).tolist()
+    area = 0.6 + 0.4 * r[0]
+    aspect = (3 / 4) * (16 / 9) ** r[1]
+    ch = min(h, max(1, round((area * h * w / aspect) ** 0.5)))
+    cw = min(w, max(1, round((area * h * w * aspect) ** 0.5)))
+    y0 = int(r[2] * (h - ch + 1))
+    x0 = int(r[3] * (w - cw + 1))
+    crop = image[:, y0 : y0 + ch, x0 : x0 + cw].float().unsqueeze(0)
+    view = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    if r[4] < 0.5:
+        view = view.flip(-1)
+    brightness = 0.8 + 0.4 * torch.rand(1, generator=generator).item()
+    return (view * brightness).clamp(0, 255).round().to(torch.uint8)

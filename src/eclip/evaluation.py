@@ -1,0 +1,158 @@
+"""Zero-shot evaluation on held-out products (DESIGN.md, Downstream tasks and metrics).
+
+One pass over the held-out images computes everything: category classification from
+prompt-ensembled label texts, text-to-product retrieval from the titles, same-product retrieval
+across listing images, and grounding of each image's own title against its true box.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data.catalog import Product
+from .data.dataset import ImageStore
+from .data.transforms import normalize
+from .model.eclip import ECLIP
+from .model.grounding import box_from_heatmap, box_iou, peak_point, upsample_heatmap
+
+PROMPTS = ["a photo of a {}", "{}", "a {} for sale", "product listing of a {}", "a {} in a listing photo"]
+
+# The keys every consumer (demo, eval --json, later benchmarks) relies on.
+HEADLINE_METRICS = [
+    "classification_top1",
+    "text_to_product_r10",
+    "same_product_map_r",
+    "grounding_acc50",
+]
+
+
+@torch.no_grad()
+def encode_labels(model: ECLIP, labels: list[str], prompts: list[str] = PROMPTS) -> torch.Tensor:
+    """(C, D): each label's prompts embedded, averaged, renormalised."""
+    embeddings = []
+    for label in labels:
+        texts = model.encode_text([p.format(label) for p in prompts])
+        embeddings.append(F.normalize(texts.mean(dim=0), dim=-1))
+    return torch.stack(embeddings)
+
+
+def ranks_metrics(scores: np.ndarray, relevant: np.ndarray, ks=(1, 10)) -> dict[str, float]:
+    """Retrieval metrics for query rows over gallery columns. relevant (Q, G) bool."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    hits = np.take_along_axis(relevant, order, axis=1)  # (Q, G) in rank order
+    out = {f"r{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    n_rel = relevant.sum(axis=1)
+    cum = np.cumsum(hits, axis=1)
+    precision = cum / np.arange(1, hits.shape[1] + 1)
+    top = min(10, hits.shape[1])
+    out["map10"] = float(((precision[:, :top] * hits[:, :top]).sum(axis=1) / np.minimum(n_rel, 10)).mean())
+    # mAP@R: R = number of relevant items of that query
+    map_r = [(precision[q, : n_rel[q]] * hits[q, : n_rel[q]]).sum() / n_rel[q] for q in range(len(n_rel))]
+    out["map_r"] = float(np.mean(map_r))
+    return out
+
+
+def macro_f1(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for c in range(num_classes):
+        tp = np.sum((predicted == c) & (truth == c))
+        fp = np.sum((predicted == c) & (truth != c))
+        fn = np.sum((predicted != c) & (truth == c))
+        if tp + fp + fn == 0:
+            continue
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def random_box_accuracy(boxes: list[tuple], seed: int = 0, trials: int = 20) -> float:
+    """Acc@IoU0.5 of boxes drawn at random (uniform corners): the floor grounding must beat."""
+    rng = random.Random(seed)
+    hits = 0
+    for _ in range(trials):
+        for box in boxes:
+            xs = sorted(rng.random() for _ in range(2))
+            ys = sorted(rng.random() for _ in range(2))
+            hits += box_iou((xs[0], ys[0], xs[1], ys[1]), box) >= 0.5
+    return hits / (trials * len(boxes)) if boxes else 0.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: ECLIP,
+    products: list[Product],
+    batch_size: int = 128,
+    store: ImageStore | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    model.eval()
+    store = store or ImageStore(products, model.image_size)
+    slots = [(p, i) for p, product in enumerate(products) for i in range(len(product.images))]
+    image_pid = np.array([p for p, _ in slots])
+
+    titles = model.encode_text([p.title for p in products])  # (P, D)
+    categories = sorted({p.category for p in products if p.category is not None})
+    labels = encode_labels(model, categories) if categories else None
+
+    product_embeddings, title_scores, label_scores = [], [], []
+    ious, points = [], []
+    for start in tqdm(range(0, len(slots), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
+        chunk = slots[start : start + batch_size]
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+        encoding = model.encode_image(images)
+        product_embeddings.append(model.product_embedding_from(encoding))
+        title_scores.append(model.image_text_scores(encoding, titles))
+        if labels is not None:
+            label_scores.append(model.image_text_scores(encoding, labels))
+        own = titles[torch.tensor([p for p, _ in chunk])]
+        maps, _ = model.heatmaps_from(encoding, own)
+        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1])).numpy()
+        for (p, i), heatmap in zip(chunk, heatmaps):
+            box = products[p].images[i].box
+            if box is None:
+                continue
+            ious.append(box_iou(box_from_heatmap(heatmap), box))
+            x, y = peak_point(heatmap)
+            points.append(box[0] <= x <= box[2] and box[1] <= y <= box[3])
+
+    results: dict[str, float] = {"num_products": len(products), "num_images": len(slots)}
+
+    # text-to-product: each title against every image; a hit is any image of its product
+    scores = torch.cat(title_scores).T.numpy()  # (P, I)
+    relevant = np.arange(len(products))[:, None] == image_pid[None, :]
+    t2p = ranks_metrics(scores, relevant)
+    results |= {"text_to_product_r1": t2p["r1"], "text_to_product_r10": t2p["r10"], "text_to_product_map10": t2p["map10"]}
+
+    # same-product: each image against all other images
+    emb = torch.cat(product_embeddings).numpy()
+    sims = emb @ emb.T
+    np.fill_diagonal(sims, -np.inf)
+    same = image_pid[:, None] == image_pid[None, :]
+    np.fill_diagonal(same, False)
+    queries = same.any(axis=1)
+    if queries.any():
+        sp = ranks_metrics(sims[queries], same[queries])
+        results |= {"same_product_map_r": sp["map_r"], "same_product_r1": sp["r1"]}
+
+    if labels is not None:
+        truth_names = [products[p].category for p in image_pid]
+        keep = np.array([c is not None for c in truth_names])
+        truth = np.array([categories.index(c) if c is not None else -1 for c in truth_names])
+        logits = torch.cat(label_scores).numpy()
+        predicted = logits.argmax(axis=1)
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        results["classification_top1"] = float((predicted == truth)[keep].mean())
+        results["classification_top5"] = float((top5 == truth[:, None]).any(axis=1)[keep].mean())
+        results["classification_macro_f1"] = macro_f1(predicted[keep], truth[keep], len(categories))
+
+    if ious:
+        boxes = [products[p].images[i].box for p, i in slots if products[p].images[i].box is not None]
+        results["grounding_acc50"] = float(np.mean(np.array(ious) >= 0.5))
+        results["grounding_mean_iou"] = float(np.mean(ious))
+        results["grounding_pointing"] = float(np.mean(points))
+        results["grounding_acc50_random_box"] = random_box_accuracy(boxes)
+    return results

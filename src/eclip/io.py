@@ -1,0 +1,78 @@
+"""Save and load a model with its config: `config.json` + `model.safetensors` in a folder.
+Nothing here unpickles; every write lands atomically (a temporary folder, then a rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, from_dict, to_dict
+from .model.eclip import ECLIP
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_model_files(model: ECLIP, folder: Path) -> None:
+    """Write config and weights into an existing folder (the caller makes it atomic)."""
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "eclip"})
+    (folder / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2), encoding="utf-8")
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move a finished temporary folder into place; an older `target` is removed only after."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def save_model(model: ECLIP, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
+    write_model_files(model, tmp)
+    replace_folder(tmp, folder)
+    return folder
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an eclip model folder")
+    return from_dict(ModelConfig, json.loads(path.read_text(encoding="utf-8")))
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ECLIP:
+    """Rebuild the model from its config and load the weights (strictly: no silent gaps)."""
+    model = ECLIP(load_config(folder))
+    weights = load_file(str(Path(folder) / WEIGHTS_NAME), device=str(device))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"weights in {folder} do not fit its config.json: {error}") from error
+    if missing or unexpected:
+        raise ValueError(f"weights in {folder} do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device).eval()

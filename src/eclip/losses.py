@@ -1,0 +1,124 @@
+"""The pretext objectives of DESIGN.md (Objectives).
+
+Every objective takes the whole batch (already gathered across ranks where training is
+distributed) and product ids, so that two images of one product, or an image and its product's
+title, are always positives and never negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LossConfig
+from .model.eclip import ECLIP, ImageEncoding
+
+
+def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row against a uniform target over its positives.
+
+    logits (R, C); positives (R, C) bool. Rows with no positive are left out; entries equal to
+    -inf (masked) take no part. Returns the mean over the remaining rows.
+    """
+    has_positive = positives.any(dim=1)
+    if not has_positive.any():
+        return logits.sum() * 0.0
+    logits, positives = logits[has_positive], positives[has_positive]
+    target = positives.to(logits.dtype)
+    target = target / target.sum(dim=1, keepdim=True)
+    log_prob = logits.log_softmax(dim=1)
+    # masked (-inf) entries have zero target; avoid 0 * -inf = nan
+    log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob))
+    return -(target * log_prob).sum(dim=1).mean()
+
+
+def symmetric_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Image-to-text and text-to-image multi-positive InfoNCE, averaged."""
+    return 0.5 * (multi_positive_infonce(logits, positives) + multi_positive_infonce(logits.T, positives.T))
+
+
+def own_text_index(image_pids: torch.Tensor, text_pids: torch.Tensor) -> torch.Tensor:
+    """For each image, the column of its product's title, (B,). Every image needs one."""
+    match = image_pids[:, None] == text_pids[None, :]
+    if not match.any(dim=1).all():
+        raise ValueError("every image in the batch needs its product's title among the texts")
+    return match.float().argmax(dim=1)
+
+
+class ECLIPLoss(nn.Module):
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        if config.intra_mode not in ("cross_image", "within_image"):
+            raise ValueError(f"unknown intra_mode {config.intra_mode!r}")
+        self.config = config
+
+    def forward(
+        self,
+        model: ECLIP,
+        encoding: ImageEncoding,  # B = P x K images
+        texts: torch.Tensor,  # (T, D) titles, one per product in the batch
+        image_pids: torch.Tensor,  # (B,) product id of each image (integers)
+        text_pids: torch.Tensor,  # (T,)
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        positives = image_pids[:, None] == text_pids[None, :]  # (B, T)
+        scales = model.logit_scales
+        losses: dict[str, torch.Tensor] = {}
+
+        if cfg.global_weight:
+            logits = scales["global"]() * encoding.global_embedding @ texts.T
+            losses["global"] = symmetric_infonce(logits, positives)
+
+        needs_decoder = cfg.inter_weight or cfg.intra_weight or cfg.productness_weight
+        if needs_decoder:
+            if encoding.instances is None:
+                raise ValueError("the ECLIP objectives need a model with an instance decoder")
+            scores, weights = model.select(encoding, texts)  # (B, T), (B, T, M)
+            own = own_text_index(image_pids, text_pids)
+            own_weights = weights[torch.arange(len(own)), own]  # (B, M) selection by own title
+
+            if cfg.inter_weight:
+                losses["inter"] = symmetric_infonce(scales["inter"]() * scores, positives)
+            if cfg.intra_weight:
+                losses["intra"] = self.intra_product(
+                    encoding.instances, own_weights, image_pids, scales["intra"]()
+                )
+            if cfg.productness_weight:
+                target = own_weights.detach()
+                log_pred = encoding.productness.log_softmax(dim=-1)
+                losses["productness"] = F.kl_div(log_pred, target, reduction="batchmean")
+
+        weights_by_name = {
+            "global": cfg.global_weight,
+            "inter": cfg.inter_weight,
+            "intra": cfg.intra_weight,
+            "productness": cfg.productness_weight,
+        }
+        losses["total"] = sum(weights_by_name[name] * value for name, value in losses.items())
+        return losses
+
+    def intra_product(
+        self,
+        instances: torch.Tensor,  # (B, M, D)
+        own_weights: torch.Tensor,  # (B, M)
+        image_pids: torch.Tensor,  # (B,)
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        b = instances.shape[0]
+        eye = torch.eye(b, dtype=torch.bool, device=instances.device)
+        same = (image_pids[:, None] == image_pids[None, :]) & ~eye  # other images of the product
+        selected = F.normalize(torch.einsum("bm,bmd->bd", own_weights, instances), dim=-1)
+        if self.config.intra_mode == "cross_image":
+            logits = scale * selected @ selected.T
+            logits = logits.masked_fill(eye, float("-inf"))
+            return multi_positive_infonce(logits, same)
+        # within_image: the selected instance of image i must find, among the queries of a
+        # same-product image k, the one that k's title selects.
+        sims = scale * torch.einsum("id,kmd->ikm", selected, instances)  # (B, B, M)
+        target = own_weights.detach().argmax(dim=-1)  # (B,) selected query of each image
+        log_prob = sims.log_softmax(dim=-1)
+        picked = log_prob.gather(2, target[None, :, None].expand(b, b, 1)).squeeze(-1)  # (B, B)
+        if not same.any():
+            return instances.sum() * 0.0
+        return -picked[same].mean()

@@ -1,0 +1,73 @@
+"""The instance decoder: M learnable queries gather the product from the visual tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DecoderConfig
+from .layers import MLP, Attention, sine_position_encoding_2d
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm: self-attention among queries, cross-attention to the tokens, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.norm_cross = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, heads)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_ratio)
+
+    def forward(
+        self,
+        queries: torch.Tensor,  # (B, M, C)
+        memory: torch.Tensor,  # (B, N, C) normalised visual tokens
+        memory_pos: torch.Tensor,  # (N, C) positional encoding, added to keys only
+        need_weights: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.norm_self(queries)
+        queries = queries + self.self_attn(h, h, h)[0]
+        attended, weights = self.cross_attn(
+            self.norm_cross(queries), memory + memory_pos, memory, need_weights=need_weights
+        )
+        queries = queries + attended
+        queries = queries + self.mlp(self.norm_mlp(queries))
+        return queries, weights
+
+
+class InstanceDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig, token_width: int):
+        super().__init__()
+        self.num_queries = config.num_queries
+        self.width = config.width
+        self.queries = nn.Parameter(torch.randn(config.num_queries, config.width) * 0.02)
+        self.memory_proj = nn.Linear(token_width, config.width)
+        self.memory_norm = nn.LayerNorm(config.width)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def position_encoding(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        if grid not in self._pos_cache:
+            self._pos_cache[grid] = sine_position_encoding_2d(grid[0], grid[1], self.width)
+        return self._pos_cache[grid].to(device=like.device, dtype=like.dtype)
+
+    def forward(
+        self, tokens: torch.Tensor, grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N, C_v) -> instances (B, M, C), attention (B, M, N) of the last layer."""
+        memory = self.memory_norm(self.memory_proj(tokens))  # (B, N, C)
+        pos = self.position_encoding(grid, memory)
+        x = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # (B, M, C)
+        attention = None
+        for i, layer in enumerate(self.layers):
+            x, weights = layer(x, memory, pos, need_weights=i == len(self.layers) - 1)
+            if weights is not None:
+                attention = weights
+        assert attention is not None  # depth >= 1
+        return self.norm(x), attention

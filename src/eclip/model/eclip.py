@@ -1,0 +1,164 @@
+"""The ECLIP model: towers, instance decoder, heads, selection, productness and grounding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .decoder import InstanceDecoder
+from .grounding import box_from_heatmap, upsample_heatmap
+from .towers import build_text_tower, build_vision_tower
+
+
+@dataclass
+class ImageEncoding:
+    global_embedding: torch.Tensor  # (B, D), L2-normalised
+    instances: torch.Tensor | None  # (B, M, D), L2-normalised; None without a decoder
+    productness: torch.Tensor | None  # (B, M) logits
+    attention: torch.Tensor | None  # (B, M, h, w), each map sums to 1
+    token_embeddings: torch.Tensor  # (B, N, D) tokens through the image head, L2-normalised
+    grid: tuple[int, int]
+
+
+@dataclass
+class Grounding:
+    heatmaps: torch.Tensor  # (B, H, W) in [0, 1] at the model's input resolution
+    boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
+    query_index: torch.Tensor | None  # (B,) the selected query; None for the baseline
+
+
+def select_instances(
+    instances: torch.Tensor,  # (B, M, D)
+    texts: torch.Tensor,  # (T, D)
+    mode: str = "softmax",
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-guided selection: the instance score of each image for each text, (B, T), and the
+    selection weights over the queries, (B, T, M)."""
+    sims = torch.einsum("bmd,td->btm", instances, texts)
+    if mode == "softmax":
+        weights = (sims / temperature).softmax(dim=-1)
+        return (weights * sims).sum(dim=-1), weights
+    if mode == "max":
+        scores, index = sims.max(dim=-1)
+        return scores, F.one_hot(index, sims.shape[-1]).to(sims.dtype)
+    raise ValueError(f"unknown selection mode {mode!r} (softmax or max)")
+
+
+class LogitScale(nn.Module):
+    """A learnable temperature stored as its log, clamped when read."""
+
+    def __init__(self, init: float, maximum: float):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        self.maximum = maximum
+
+    def forward(self) -> torch.Tensor:
+        return self.log_scale.exp().clamp(max=self.maximum)
+
+
+class ECLIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = build_vision_tower(config.vision)
+        self.text = build_text_tower(config.text)
+        self.image_head = nn.Linear(self.vision.width, config.embed_dim, bias=False)
+        self.text_head = nn.Linear(self.text.width, config.embed_dim, bias=False)
+        scale = lambda: LogitScale(config.init_logit_scale, config.max_logit_scale)  # noqa: E731
+        self.logit_scales = nn.ModuleDict({"global": scale()})
+        self.decoder: InstanceDecoder | None = None
+        if config.decoder is not None:
+            self.decoder = InstanceDecoder(config.decoder, self.vision.width)
+            self.instance_head = nn.Linear(config.decoder.width, config.embed_dim, bias=False)
+            self.productness_head = nn.Linear(config.decoder.width, 1)
+            self.logit_scales.update({"inter": scale(), "intra": scale()})
+
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_image(self, images: torch.Tensor) -> ImageEncoding:
+        """images (B, 3, S, S), normalised as `eclip.data.transforms` does."""
+        features = self.vision.forward_features(images)
+        global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
+        token_embeddings = F.normalize(self.image_head(features.tokens), dim=-1)
+        instances = productness = attention = None
+        if self.decoder is not None:
+            hidden, attn = self.decoder(features.tokens, features.grid)  # (B,M,C), (B,M,N)
+            instances = F.normalize(self.instance_head(hidden), dim=-1)
+            productness = self.productness_head(hidden).squeeze(-1)
+            attention = attn.unflatten(-1, features.grid)
+        return ImageEncoding(
+            global_embedding, instances, productness, attention, token_embeddings, features.grid
+        )
+
+    def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Titles or queries -> (T, D), L2-normalised."""
+        if isinstance(texts, (list, str)):
+            ids, mask = self.tokenizer(texts)
+            device = self.text_head.weight.device
+            ids, mask = ids.to(device), mask.to(device)
+        else:
+            ids, mask = texts
+        return F.normalize(self.text_head(self.text.forward_features(ids, mask)), dim=-1)
+
+    # ------------------------------------------------------------------ scoring
+
+    def select(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert encoding.instances is not None
+        return select_instances(
+            encoding.instances, texts, self.config.selection, self.config.selection_temperature
+        )
+
+    def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor) -> torch.Tensor:
+        """(B, T) similarity used for zero-shot search and classification: the text-guided
+        instance score with a decoder, the global cosine without (the baseline)."""
+        if encoding.instances is None:
+            return encoding.global_embedding @ texts.T
+        return self.select(encoding, texts)[0]
+
+    def product_embedding_from(self, encoding: ImageEncoding) -> torch.Tensor:
+        """One vector per image with no text: the instances weighted by productness."""
+        if encoding.instances is None:
+            return encoding.global_embedding
+        weights = encoding.productness.softmax(dim=-1)  # (B, M)
+        return F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+
+    @torch.no_grad()
+    def product_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.product_embedding_from(self.encode_image(images))
+
+    # ------------------------------------------------------------------ grounding
+
+    def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Grid maps (B, h, w) for image i and text i: the selected query's cross-attention, or
+        for the baseline the similarity of the text to each projected token (MaskCLIP-style)."""
+        if encoding.attention is None:
+            sims = torch.einsum("bnd,bd->bn", encoding.token_embeddings, texts)
+            return sims.unflatten(-1, encoding.grid), None
+        sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
+        index = sims.argmax(dim=-1)  # (B,)
+        maps = encoding.attention[torch.arange(len(index)), index]
+        return maps, index
+
+    @torch.no_grad()
+    def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:
+        """Where in image i is the product that text i describes: heat map and box."""
+        encoding = self.encode_image(images)
+        text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
+        maps, index = self.heatmaps_from(encoding, text_emb)
+        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
+        boxes = [box_from_heatmap(h.cpu().numpy()) for h in heatmaps]
+        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)

@@ -1,0 +1,48 @@
+"""From a heat map over the token grid to a box: upsample, threshold at half the peak, keep the
+largest connected region, box it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+
+def upsample_heatmap(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W), bilinear, rescaled to [0, 1] per map."""
+    up = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
+    up = up.squeeze(1)
+    low = up.flatten(1).min(dim=1).values[:, None, None]
+    high = up.flatten(1).max(dim=1).values[:, None, None]
+    return (up - low) / (high - low).clamp_min(1e-12)
+
+
+def box_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float, float]:
+    """Box (x0, y0, x1, y1) as fractions of the width and height, from one map in [0, 1].
+
+    x1 and y1 are exclusive, so a one-pixel region has a non-zero area.
+    """
+    h, w = heatmap.shape
+    mask = heatmap >= threshold * heatmap.max()
+    labels, count = ndimage.label(mask)
+    if count == 0:  # flat map: the whole image
+        return (0.0, 0.0, 1.0, 1.0)
+    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+    ys, xs = np.nonzero(labels == int(np.argmax(sizes)) + 1)
+    return (float(xs.min() / w), float(ys.min() / h), float((xs.max() + 1) / w), float((ys.max() + 1) / h))
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def peak_point(heatmap: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the map's maximum, as fractions, at the pixel centre."""
+    h, w = heatmap.shape
+    y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return (float((x + 0.5) / w), float((y + 0.5) / h))

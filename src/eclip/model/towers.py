@@ -1,0 +1,133 @@
+"""Vision and text towers behind one interface.
+
+Every vision tower implements `forward_features(images) -> VisionFeatures`: a pooled global
+feature, the spatial tokens and their grid shape. Every text tower implements
+`forward_features(token_ids, mask) -> (B, C)` and carries its `tokenizer`. The rest of the model
+only sees this interface, so towers from other libraries plug in behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import TextConfig, VisionConfig
+from .layers import Block
+from .tokenizer import HashTokenizer
+
+
+@dataclass
+class VisionFeatures:
+    pooled: torch.Tensor  # (B, C) global feature
+    tokens: torch.Tensor  # (B, N, C) spatial tokens, row-major over the grid
+    grid: tuple[int, int]  # (h, w) with h * w == N
+
+
+class VisionTower(nn.Module):
+    """Interface: `width` (C of pooled and tokens) and `forward_features`."""
+
+    width: int
+    image_size: int
+
+    def forward_features(self, images: torch.Tensor) -> VisionFeatures:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> VisionFeatures:
+        return self.forward_features(images)
+
+
+class TextTower(nn.Module):
+    """Interface: `width`, `tokenizer` and `forward_features(ids, mask) -> (B, C)`."""
+
+    width: int
+    tokenizer: HashTokenizer
+
+    def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(token_ids, mask)
+
+
+def build_stem(kind: str, width: int, patch_size: int) -> nn.Module:
+    """Images (B, 3, S, S) -> (B, width, S / patch, S / patch)."""
+    if kind == "patch":
+        return nn.Conv2d(3, width, patch_size, stride=patch_size)
+    if kind == "conv":
+        layers, channels, stride = [], 3, 1
+        while stride < patch_size:
+            out = width if stride * 2 == patch_size else max(16, width // (patch_size // (stride * 2)))
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(min(8, out), out), nn.GELU()]
+            channels, stride = out, stride * 2
+        if stride != patch_size:
+            raise ValueError(f"conv stem needs a power-of-two patch_size, got {patch_size}")
+        layers.append(nn.Conv2d(channels, width, 1))
+        return nn.Sequential(*layers)
+    raise ValueError(f"unknown stem {kind!r} (patch or conv)")
+
+
+class TinyViT(VisionTower):
+    """A plain ViT. Global feature = mean of the final normalised tokens, so a token projected
+    by the image head lives in the same space as the global embedding (what MaskCLIP-style
+    grounding of the CLIP baseline relies on)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        self.width = config.width
+        self.image_size = config.image_size
+        side = config.image_size // config.patch_size
+        self.grid = (side, side)
+        self.patch_embed = build_stem(config.stem, config.width, config.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, side * side, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward_features(self, images: torch.Tensor) -> VisionFeatures:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        tokens = self.norm(x)
+        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid)
+
+
+class TinyTextTransformer(TextTower):
+    """A bidirectional transformer over hashed words; pooled = mean over real tokens."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.width = config.width
+        self.tokenizer = HashTokenizer(config.vocab_size, config.context_length)
+        self.token_embed = nn.Embedding(config.vocab_size, config.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, config.context_length, config.width) * 0.02)
+        self.blocks = nn.ModuleList(
+            Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm = nn.LayerNorm(config.width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.token_embed(token_ids) + self.pos_embed[:, : token_ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, key_padding_mask=mask)
+        x = self.norm(x)
+        weights = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def build_vision_tower(config: VisionConfig) -> VisionTower:
+    if config.kind == "vit":
+        return TinyViT(config)
+    raise ValueError(f"unknown vision tower kind {config.kind!r} (built in: 'vit')")
+
+
+def build_text_tower(config: TextConfig) -> TextTower:
+    if config.kind == "transformer":
+        return TinyTextTransformer(config)
+    raise ValueError(f"unknown text tower kind {config.kind!r} (built in: 'transformer')")

@@ -1,0 +1,101 @@
+"""The main job: ShopSynth catalog -> ECLIP and the CLIP baseline trained alike -> zero-shot
+evaluation on held-out products -> comparison table and a report folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eclip.data import ImageStore, ShopSynthConfig, generate, load_catalog
+from eclip.evaluation import evaluate
+from eclip.io import atomic_write_text
+
+from .report import comparison_table, grounding_grid, plot_losses
+from .train import make_train_config, train
+
+logger = logging.getLogger("eclip.demo")
+
+
+@dataclass
+class DemoSize:
+    products: int
+    steps: int
+    warmup: int
+
+
+SIZES = {
+    "full": DemoSize(products=4000, steps=900, warmup=60),
+    "quick": DemoSize(products=1500, steps=240, warmup=25),
+}
+
+
+def peak_memory_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def run_demo(out_dir: str | Path, quick: bool = False, seed: int = 0, steps: int | None = None, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    size = SIZES["quick" if quick else "full"]
+    steps = steps or size.steps
+    begin = time.time()
+
+    data_dir = out / "data"
+    logger.info("generating ShopSynth: %d products x 3 images in %s", size.products, data_dir)
+    paths = generate(data_dir, ShopSynthConfig(num_products=size.products, images_per_product=3, seed=seed), progress=progress)
+
+    train_products, _ = load_catalog(paths["train"])
+    heldout, _ = load_catalog(paths["heldout"])
+    runs, histories, results = {}, {}, {}
+    store = None  # decoded once, shared by both runs
+    for objective in ("eclip", "clip"):
+        config = make_train_config(
+            "tiny", objective, catalog=str(paths["train"]), out_dir=str(out / objective),
+            steps=steps, warmup_steps=size.warmup, seed=seed, checkpoint_every=max(steps // 2, 1),
+        )
+        store = store or ImageStore(train_products, config.model.vision.image_size)
+        result = train(config, progress=progress, store=store)
+        runs[objective], histories[objective] = result.model, result.history
+        logger.info("%s: %d steps in %.0f s", objective, steps, result.seconds)
+        results[objective] = evaluate(result.model, heldout, progress=progress)
+        results[objective]["train_seconds"] = round(result.seconds, 1)
+        results[objective]["final_loss"] = result.history[-1]["loss_total"]
+
+    table = comparison_table(results)
+    plot_losses(histories, out / "loss_curves.png")
+    grounding_grid(runs, heldout, out / "grounding.png")
+    meta = {
+        "quick": quick, "seed": seed, "steps": steps, "products": size.products,
+        "heldout_products": len(heldout), "seconds": round(time.time() - begin, 1),
+        "peak_memory_gib": round(peak_memory_gib(), 2), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+    atomic_write_text(out / "results.json", json.dumps({**results, "meta": meta}, indent=2))
+    report = f"""# eclip demo
+
+ShopSynth catalog of {size.products} products x 3 listing images (seed {seed}); {len(heldout)} held-out
+products never seen in training. ECLIP and the CLIP baseline (same towers, no decoder, global
+contrastive objective only) trained with the same data, {steps} steps and seed.
+
+{table}
+
+ECLIP reads the product embedding from its productness-selected instance and grounds with the
+selected query's cross-attention; the baseline uses its global embedding and grounds with the
+similarity of the text to each projected visual token (MaskCLIP-style). Both boxes: threshold
+at half the peak, largest connected region.
+
+![loss curves](loss_curves.png)
+
+![grounding](grounding.png)
+
+Green: true box. Red: predicted box. Ran in {meta['seconds']} s, peak memory {meta['peak_memory_gib']} GiB.
+"""
+    atomic_write_text(out / "report.md", report)
+    print(table)
+    print(f"\nreport: {out / 'report.md'}  ({meta['seconds']} s, peak memory {meta['peak_memory_gib']} GiB)")
+    return {**results, "meta": meta}

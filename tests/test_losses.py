@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eclip.config import LossConfig, objective_preset
+from eclip.losses import ECLIPLoss, multi_positive_infonce, own_text_index, symmetric_infonce
+from eclip.model import ECLIP
+
+from .conftest import micro_config
+
+
+def test_infonce_single_positive_matches_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    positives = torch.tensor([[True, False, False], [False, True, False]])
+    expected = F.cross_entropy(logits, torch.tensor([0, 1]))
+    torch.testing.assert_close(multi_positive_infonce(logits, positives), expected)
+
+
+def test_infonce_multi_positive_by_hand():
+    # one row, two positives among three columns, logits (1, 1, 0):
+    # log_softmax = 1 - log(2e + 1) for the positives; target 1/2 each
+    logits = torch.tensor([[1.0, 1.0, 0.0]])
+    positives = torch.tensor([[True, True, False]])
+    expected = -(1 - math.log(2 * math.e + 1))
+    assert multi_positive_infonce(logits, positives).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_infonce_skips_rows_without_positive_and_masked_entries():
+    logits = torch.tensor([[float("-inf"), 1.0, 0.0], [3.0, 0.0, 0.0]])
+    positives = torch.tensor([[False, True, False], [False, False, False]])
+    expected = -torch.log_softmax(torch.tensor([1.0, 0.0]), 0)[0]
+    torch.testing.assert_close(multi_positive_infonce(logits, positives), expected)
+
+
+def test_symmetric_infonce_averages_both_directions():
+    logits = torch.tensor([[1.0, 0.2], [0.1, 0.9], [0.3, 0.4]])
+    positives = torch.tensor([[True, False], [False, True], [True, False]])
+    a = multi_positive_infonce(logits, positives)
+    b = multi_positive_infonce(logits.T, positives.T)
+    torch.testing.assert_close(symmetric_infonce(logits, positives), (a + b) / 2)
+
+
+def _batch(model, seed=0, products=4, k=2):
+    torch.manual_seed(seed)
+    images = torch.randn(products * k, 3, 32, 32)
+    image_pids = torch.arange(products).repeat_interleave(k)
+    text_pids = torch.arange(products)
+    titles = [f"product number {i} red tee" for i in range(products)]
+    encoding = model.encode_image(images)
+    texts = model.encode_text(titles)
+    return encoding, texts, image_pids, text_pids
+
+
+@pytest.mark.parametrize("intra_mode", ["cross_image", "within_image"])
+def test_same_product_pairs_are_never_negatives(intra_mode):
+    """Raising the similarity of a same-product pair never raises any loss: the gradient of
+    every objective with respect to a positive logit is <= 0."""
+    torch.manual_seed(0)
+    model = ECLIP(micro_config())
+    criterion = ECLIPLoss(LossConfig(intra_mode=intra_mode))
+    encoding, texts, image_pids, text_pids = _batch(model)
+    # logits of the global objective: the gradient on positive pairs must be non-positive
+    logits = (encoding.global_embedding @ texts.T).detach().requires_grad_(True)
+    positives = image_pids[:, None] == text_pids[None, :]
+    symmetric_infonce(logits * 10, positives).backward()
+    assert (logits.grad[positives] <= 1e-7).all()
+    assert (logits.grad[~positives] >= -1e-7).all()
+    # image-image: two images of one product in the intra objective
+    selected = F.normalize(torch.randn(8, 16), dim=-1).requires_grad_(True)
+    sims = (selected @ selected.T).detach().requires_grad_(True)
+    eye = torch.eye(8, dtype=torch.bool)
+    same = (image_pids[:, None] == image_pids[None, :]) & ~eye
+    multi_positive_infonce((10 * sims).masked_fill(eye, float("-inf")), same).backward()
+    assert (sims.grad[same] <= 1e-7).all()
+    losses = criterion(model, encoding, texts, image_pids, text_pids)
+    assert set(losses) == {"global", "inter", "intra", "productness", "total"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_total_is_weighted_sum_and_clip_preset_is_global_only():
+    torch.manual_seed(1)
+    model = ECLIP(micro_config())
+    encoding, texts, image_pids, text_pids = _batch(model)
+    cfg = LossConfig(global_weight=1.0, inter_weight=0.5, intra_weight=2.0, productness_weight=0.25)
+    losses = ECLIPLoss(cfg)(model, encoding, texts, image_pids, text_pids)
+    expected = losses["global"] + 0.5 * losses["inter"] + 2.0 * losses["intra"] + 0.25 * losses["productness"]
+    torch.testing.assert_close(losses["total"], expected)
+
+    baseline = ECLIP(micro_config(decoder=False))
+    enc_b, texts_b, _, _ = _batch(baseline)
+    clip_losses = ECLIPLoss(objective_preset("clip"))(baseline, enc_b, texts_b, image_pids, text_pids)
+    assert set(clip_losses) == {"global", "total"}
+    with pytest.raises(ValueError, match="instance decoder"):
+        ECLIPLoss(objective_preset("eclip"))(baseline, enc_b, texts_b, image_pids, text_pids)
+
+
+def test_productness_is_zero_when_it_matches_selection():
+    torch.manual_seed(2)
+    model = ECLIP(micro_config())
+    encoding, texts, image_pids, text_pids = _batch(model)
+    _, weights = model.select(encoding, texts)
+    own = own_text_index(image_pids, text_pids)
+    target = weights[torch.arange(len(own)), own].detach()
+    encoding.productness = target.log()  # productness logits equal to the selection
+    cfg = LossConfig(global_weight=0, inter_weight=0, intra_weight=0, productness_weight=1)
+    loss = ECLIPLoss(cfg)(model, encoding, texts, image_pids, text_pids)["productness"]
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logit_scale_is_clamped():
+    model = ECLIP(micro_config())
+    with torch.no_grad():
+        model.logit_scales["global"].log_scale.fill_(10.0)
+    assert model.logit_scales["global"]().item() == pytest.approx(100.0)
+    assert model.logit_scales["inter"]().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_own_text_index_requires_every_title():
+    with pytest.raises(ValueError, match="title"):
+        own_text_index(torch.tensor([0, 1, 2]), torch.tensor([0, 1]))

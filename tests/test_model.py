@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+import eclip
+from eclip.config import model_preset, override
+from eclip.model import ECLIP, HashTokenizer, select_instances
+from eclip.model.grounding import box_from_heatmap, box_iou
+from eclip.model.layers import sine_position_encoding_2d
+
+from .conftest import micro_config
+
+
+def test_encode_image_shapes_and_normalisation():
+    torch.manual_seed(0)
+    model = ECLIP(micro_config()).eval()
+    enc = model.encode_image(torch.randn(5, 3, 32, 32))
+    assert enc.global_embedding.shape == (5, 16)
+    assert enc.instances.shape == (5, 4, 16)
+    assert enc.productness.shape == (5, 4)
+    assert enc.attention.shape == (5, 4, 4, 4)
+    assert enc.grid == (4, 4)
+    torch.testing.assert_close(enc.global_embedding.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(enc.instances.norm(dim=-1), torch.ones(5, 4))
+
+
+def test_attention_maps_are_distributions():
+    torch.manual_seed(1)
+    model = ECLIP(micro_config()).eval()
+    attention = model.encode_image(torch.randn(3, 3, 32, 32)).attention
+    assert (attention >= 0).all()
+    torch.testing.assert_close(attention.flatten(2).sum(-1), torch.ones(3, 4))
+
+
+def test_text_padding_does_not_change_embedding():
+    torch.manual_seed(2)
+    model = ECLIP(micro_config()).eval()
+    ids, mask = model.tokenizer(["red striped tee"])
+    short = model.encode_text((ids, mask))
+    # the same text in a longer context window: extra padding must be ignored by the mask
+    wider = torch.zeros(1, 16, dtype=torch.long)
+    wider[:, : ids.shape[1]] = ids
+    torch.testing.assert_close(model.encode_text((wider, wider != 0)), short)
+
+
+def test_tokenizer_is_deterministic_and_truncates():
+    tok = HashTokenizer(vocab_size=100, context_length=6)
+    ids, mask = tok(["Red STRIPED tee!", "a b c d e f g h"])
+    again, _ = HashTokenizer(vocab_size=100, context_length=6)(["red striped tee"])
+    assert torch.equal(ids[0], again[0])  # case and punctuation do not matter
+    assert mask[1].all() and ids[1, -1].item() == 2  # truncated, still ends with EOS
+    assert ids.max() < 100
+
+
+def test_selection_softmax_and_max():
+    instances = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    sims = torch.einsum("bmd,td->btm", instances, texts)
+    scores, weights = select_instances(instances, texts, "max")
+    torch.testing.assert_close(scores, sims.max(-1).values)
+    assert torch.equal(weights.argmax(-1), sims.argmax(-1))
+    soft, soft_w = select_instances(instances, texts, "softmax", temperature=0.1)
+    torch.testing.assert_close(soft_w.sum(-1), torch.ones(2, 4))
+    # a softmax-weighted mean lies between the min and the max similarity
+    assert (soft <= scores + 1e-6).all() and (soft >= sims.min(-1).values - 1e-6).all()
+    # a very low temperature approaches max selection
+    sharp, _ = select_instances(instances, texts, "softmax", temperature=1e-4)
+    torch.testing.assert_close(sharp, scores, atol=1e-4, rtol=0)
+
+
+def test_product_embedding_follows_productness():
+    torch.manual_seed(3)
+    model = ECLIP(micro_config()).eval()
+    with torch.no_grad():
+        model.productness_head.weight.zero_()
+        model.productness_head.bias.zero_()
+    images = torch.randn(2, 3, 32, 32)
+    enc = model.encode_image(images)
+    # with flat productness the product embedding is the normalised mean of the instances
+    expected = torch.nn.functional.normalize(enc.instances.mean(1), dim=-1)
+    torch.testing.assert_close(model.product_embedding(images), expected)
+
+
+def test_baseline_has_no_decoder_and_grounds_with_tokens():
+    model = ECLIP(micro_config(decoder=False)).eval()
+    assert model.decoder is None
+    images = torch.randn(2, 3, 32, 32)
+    enc = model.encode_image(images)
+    assert enc.instances is None and enc.attention is None
+    torch.testing.assert_close(model.product_embedding(images), enc.global_embedding)
+    g = model.ground(images, ["red tee", "blue mug"])
+    assert g.heatmaps.shape == (2, 32, 32) and g.query_index is None
+    for box in g.boxes:
+        assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
+def test_box_from_heatmap_picks_largest_region():
+    heat = torch.zeros(20, 20)
+    heat[2:5, 2:5] = 1.0  # 9 pixels at the peak
+    heat[10:18, 8:16] = 0.9  # 64 pixels, above half the peak
+    box = box_from_heatmap(heat.numpy())
+    assert box == pytest.approx((8 / 20, 10 / 20, 16 / 20, 18 / 20))
+    assert box_iou(box, box) == pytest.approx(1.0)
+    assert box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
+
+
+def test_sine_encoding_distinguishes_positions():
+    pos = sine_position_encoding_2d(4, 5, 16)
+    assert pos.shape == (20, 16)
+    assert torch.cdist(pos, pos).add(torch.eye(20)).min() > 1e-3  # every cell differs
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(4)
+    model = ECLIP(micro_config()).eval()
+    eclip.save_model(model, tmp_path / "m")
+    loaded = eclip.load_model(tmp_path / "m")
+    assert loaded.config == model.config
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.product_embedding(images), model.product_embedding(images))
+    torch.testing.assert_close(loaded.encode_text(["a red tee"]), model.encode_text(["a red tee"]))
+    # overwriting is atomic: the folder holds one complete model afterwards
+    eclip.save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_load_rejects_mismatched_weights(tmp_path):
+    eclip.save_model(ECLIP(micro_config()), tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"num_queries": 4', '"num_queries": 6'))
+    with pytest.raises(ValueError, match="do not fit"):
+        eclip.load_model(tmp_path / "m")
+
+
+def test_presets_and_overrides():
+    config = override(model_preset("tiny"), ["decoder.num_queries=16", "selection=max", "vision.depth=2"])
+    assert config.decoder.num_queries == 16 and config.selection == "max" and config.vision.depth == 2
+    assert model_preset("tiny").decoder.num_queries == 8  # presets are fresh copies
+    assert model_preset("tiny", "clip").decoder is None
+    with pytest.raises(ValueError, match="no field"):
+        override(config, ["decoder.nope=1"])
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_preset("huge")
+    model = eclip.create_model("tiny", overrides=["decoder.num_queries=5"])
+    assert model.decoder.queries.shape[0] == 5

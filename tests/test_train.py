@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eclip.config import override
+from eclip.data import load_catalog
+from eclip.evaluation import evaluate
+from eclip_app.train import (
+    list_checkpoints,
+    load_train_config,
+    make_train_config,
+    parameter_groups,
+    train,
+    warmup_cosine,
+)
+
+from .conftest import micro_config
+
+
+def _config(catalog, out, steps, objective="eclip", **fields):
+    config = make_train_config("tiny", objective, catalog=str(catalog), out_dir=str(out), steps=steps, warmup_steps=2,
+                               products_per_batch=6, images_per_product=2, checkpoint_every=3, log_every=1, **fields)
+    config.model = micro_config(decoder=objective != "clip")
+    return config
+
+
+def test_resume_equals_straight_run(synth_catalog, tmp_path):
+    """N steps, a stop, a resume to 2N: the same weights and log as 2N steps straight."""
+    straight = train(_config(synth_catalog["train"], tmp_path / "a", 6), progress=False)
+    config = _config(synth_catalog["train"], tmp_path / "b", 6)
+    train(config, progress=False, stop_at=3)  # as if killed right after the step-3 checkpoint
+    assert [p.name for p in list_checkpoints(tmp_path / "b")][-1] == "step_00000003"
+    resumed = train(config, resume=True, progress=False)
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert [r["loss_total"] for r in log] == pytest.approx([r["loss_total"] for r in straight.history], rel=1e-4)
+
+
+def test_checkpoints_are_complete_and_pruned(synth_catalog, tmp_path):
+    config = _config(synth_catalog["train"], tmp_path / "run", 7, keep_checkpoints=2)
+    train(config, progress=False)
+    kept = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in kept] == ["step_00000006", "step_00000007"]
+    for folder in kept:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "train_state.pt"]
+        state = torch.load(folder / "train_state.pt", weights_only=True)  # no pickle of objects
+        assert state["step"] == int(folder.name.split("_")[1]) == state["sampler"]["step"]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    weights = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert "decoder.queries" in weights
+
+
+def test_parameter_groups_exempt_norms_biases_queries_and_scales():
+    from eclip.model import ECLIP
+
+    model = ECLIP(micro_config())
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert "decoder.queries" in exempt and "logit_scales.global.log_scale" in exempt
+    assert "vision.norm.weight" in exempt and "text_head.weight" not in exempt
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_train_config_file_and_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('objective = "clip"\nsteps = 42\n[loss]\nglobal_weight = 2.0\n')
+    config = load_train_config(str(path), ["lr=0.01", "products_per_batch=8"])
+    assert config.objective == "clip" and config.model.decoder is None
+    assert config.steps == 42 and config.loss.global_weight == 2.0 and config.loss.inter_weight == 0.0
+    assert config.lr == 0.01 and config.products_per_batch == 8
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps({"model": {"decoder": {"num_queries": 3}}}))
+    assert load_train_config(str(json_path)).model.decoder.num_queries == 3
+    with pytest.raises(ValueError, match="no field"):
+        load_train_config(None, ["stepz=3"])
+
+
+@pytest.mark.slow
+def test_short_training_learns_and_grounds(synth_catalog, tmp_path):
+    """A few hundred steps on a tiny ShopSynth: loss falls and grounding beats a random box."""
+    config = make_train_config("tiny", "eclip", catalog=str(synth_catalog["train"]), out_dir=str(tmp_path / "e2e"),
+                               steps=150, warmup_steps=10, products_per_batch=12, images_per_product=3,
+                               checkpoint_every=1000, log_every=10)
+    config = override(config, ["model.vision.image_size=32", "model.vision.patch_size=4"])
+    result = train(config, progress=False)
+    losses = [r["loss_total"] for r in result.history]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    products, _ = load_catalog(synth_catalog["train"])
+    metrics = evaluate(result.model, products, progress=False)
+    assert metrics["grounding_acc50"] > metrics["grounding_acc50_random_box"] + 0.05
+    assert metrics["grounding_pointing"] > 0.3
