@@ -142,3 +142,30 @@ def test_presets_and_overrides():
         model_preset("huge")
     model = eclip.create_model("tiny", overrides=["decoder.num_queries=5"])
     assert model.decoder.queries.shape[0] == 5
+
+
+@pytest.mark.parametrize("memory_level", [0, 1, -1])
+@pytest.mark.parametrize("registers", [0, 3])
+def test_decoder_memory_levels_and_registers(memory_level, registers):
+    config = override(micro_config(), [f"decoder.memory_level={memory_level}", f"decoder.registers={registers}", f"vision.registers={registers}"])
+    model = ECLIP(config).eval()
+    enc = model.encode_image(torch.randn(2, 3, 32, 32))
+    # maps cover the image tokens only (registers excluded) and stay distributions
+    assert enc.attention.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(enc.attention.flatten(2).sum(-1), torch.ones(2, 4))
+
+
+def test_vision_levels_are_per_block_tokens():
+    model = ECLIP(micro_config()).eval()
+    features = model.vision.forward_features(torch.randn(2, 3, 32, 32))
+    assert len(features.levels) == 1 + model.config.vision.depth
+    assert all(level.shape == features.tokens.shape for level in features.levels)
+    assert features.level(-1) is features.tokens
+    # the stem level does not depend on any other position: change one corner, others stay
+    images = torch.randn(1, 3, 32, 32)
+    changed = images.clone()
+    changed[..., :8, :8] += 1.0
+    a = model.vision.forward_features(images).level(0)
+    b = model.vision.forward_features(changed).level(0)
+    assert not torch.allclose(a[:, 0], b[:, 0])
+    torch.testing.assert_close(a[:, -1], b[:, -1])

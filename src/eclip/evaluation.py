@@ -81,6 +81,16 @@ def random_box_accuracy(boxes: list[tuple], seed: int = 0, trials: int = 20) -> 
     return hits / (trials * len(boxes)) if boxes else 0.0
 
 
+def _label_attributes(products: list[Product], max_values: int = 50) -> dict[str, list[str]]:
+    """Attributes whose values are short strings from a small set: zero-shot label sets."""
+    values: dict[str, set[str]] = {}
+    for product in products:
+        for name, value in product.attributes.items():
+            if isinstance(value, str) and 0 < len(value) <= 40:
+                values.setdefault(name, set()).add(value)
+    return {name: sorted(v) for name, v in values.items() if 2 <= len(v) <= max_values}
+
+
 @torch.no_grad()
 def evaluate(
     model: ECLIP,
@@ -88,6 +98,7 @@ def evaluate(
     batch_size: int = 128,
     store: ImageStore | None = None,
     progress: bool = True,
+    prompts: list[str] = PROMPTS,
 ) -> dict[str, float]:
     model.eval()
     store = store or ImageStore(products, model.image_size)
@@ -96,7 +107,11 @@ def evaluate(
 
     titles = model.encode_text([p.title for p in products])  # (P, D)
     categories = sorted({p.category for p in products if p.category is not None})
-    labels = encode_labels(model, categories) if categories else None
+    labels = encode_labels(model, categories, prompts) if categories else None
+    # attributes with a small vocabulary (colour, pattern, ...) are classified zero-shot too
+    attribute_names = _label_attributes(products)
+    attribute_labels = {name: encode_labels(model, values, prompts) for name, values in attribute_names.items()}
+    attribute_scores: dict[str, list[torch.Tensor]] = {name: [] for name in attribute_names}
 
     product_embeddings, title_scores, label_scores = [], [], []
     ious, points = [], []
@@ -108,6 +123,8 @@ def evaluate(
         title_scores.append(model.image_text_scores(encoding, titles))
         if labels is not None:
             label_scores.append(model.image_text_scores(encoding, labels))
+        for name, embeddings in attribute_labels.items():
+            attribute_scores[name].append(model.image_text_scores(encoding, embeddings))
         own = titles[torch.tensor([p for p, _ in chunk])]
         maps, _ = model.heatmaps_from(encoding, own)
         heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1])).numpy()
@@ -148,6 +165,11 @@ def evaluate(
         results["classification_top1"] = float((predicted == truth)[keep].mean())
         results["classification_top5"] = float((top5 == truth[:, None]).any(axis=1)[keep].mean())
         results["classification_macro_f1"] = macro_f1(predicted[keep], truth[keep], len(categories))
+
+    for name, values in attribute_names.items():
+        truth = np.array([values.index(str(products[p].attributes[name])) if name in products[p].attributes else -1 for p in image_pid])
+        predicted = torch.cat(attribute_scores[name]).numpy().argmax(axis=1)
+        results[f"attribute_{name}_top1"] = float((predicted == truth)[truth >= 0].mean())
 
     if ious:
         boxes = [products[p].images[i].box for p, i in slots if products[p].images[i].box is not None]

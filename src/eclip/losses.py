@@ -81,9 +81,8 @@ class ECLIPLoss(nn.Module):
             if cfg.inter_weight:
                 losses["inter"] = symmetric_infonce(scales["inter"]() * scores, positives)
             if cfg.intra_weight:
-                losses["intra"] = self.intra_product(
-                    encoding.instances, own_weights, image_pids, scales["intra"]()
-                )
+                selection = own_weights.detach() if cfg.intra_detach_selection else own_weights
+                losses["intra"] = self.intra_product(encoding.instances, selection, image_pids, scales["intra"]())
             if cfg.productness_weight:
                 target = own_weights.detach()
                 log_pred = encoding.productness.log_softmax(dim=-1)

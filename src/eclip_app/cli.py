@@ -11,7 +11,7 @@ import sys
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress)
     return 0
 
 
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes on 2 cores")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
+    demo.add_argument("--products", type=int, default=None, help="ShopSynth products (default: by size)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 

@@ -32,7 +32,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(products=4000, steps=900, warmup=60),
-    "quick": DemoSize(products=1500, steps=240, warmup=25),
+    "quick": DemoSize(products=1200, steps=200, warmup=20),
 }
 
 
@@ -40,10 +40,18 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def run_demo(out_dir: str | Path, quick: bool = False, seed: int = 0, steps: int | None = None, progress: bool = True) -> dict:
+def run_demo(
+    out_dir: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    steps: int | None = None,
+    products: int | None = None,
+    progress: bool = True,
+) -> dict:
     out = Path(out_dir)
     size = SIZES["quick" if quick else "full"]
     steps = steps or size.steps
+    size = DemoSize(products=products or size.products, steps=steps, warmup=min(size.warmup, max(1, steps // 10)))
     begin = time.time()
 
     data_dir = out / "data"

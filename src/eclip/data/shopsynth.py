@@ -76,8 +76,8 @@ class ShopSynthConfig:
     images_per_product: int = 3
     image_size: int = 128
     heldout_fraction: float = 0.2
-    product_scale: tuple[float, float] = (0.32, 0.55)  # product box side / image side
-    distractor_scale: tuple[float, float] = (0.22, 0.42)
+    product_scale: tuple[float, float] = (0.4, 0.65)  # product box side / image side
+    distractor_scale: tuple[float, float] = (0.18, 0.34)
     distractors: tuple[int, int] = (1, 3)
     seed: int = 0
 

@@ -43,9 +43,12 @@ class InstanceDecoder(nn.Module):
         super().__init__()
         self.num_queries = config.num_queries
         self.width = config.width
-        self.queries = nn.Parameter(torch.randn(config.num_queries, config.width) * 0.02)
+        # unit scale, as DETR's query embeddings: at 0.02 the queries would be swamped by the attended
+        # tokens and all M instances would start out (and stay) alike
+        self.queries = nn.Parameter(torch.randn(config.num_queries, config.width))
         self.memory_proj = nn.Linear(token_width, config.width)
         self.memory_norm = nn.LayerNorm(config.width)
+        self.registers = nn.Parameter(torch.randn(config.registers, config.width) * 0.02)
         self.layers = nn.ModuleList(
             DecoderLayer(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
@@ -61,13 +64,19 @@ class InstanceDecoder(nn.Module):
         self, tokens: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, N, C_v) -> instances (B, M, C), attention (B, M, N) of the last layer."""
+        b, n, _ = tokens.shape
         memory = self.memory_norm(self.memory_proj(tokens))  # (B, N, C)
         pos = self.position_encoding(grid, memory)
-        x = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # (B, M, C)
+        if self.registers.shape[0]:  # registers: no position, appended after the image tokens
+            memory = torch.cat([memory, self.registers.expand(b, -1, -1)], dim=1)  # (B, N + R, C)
+            pos = torch.cat([pos, pos.new_zeros(self.registers.shape)], dim=0)
+        x = self.queries.unsqueeze(0).expand(b, -1, -1)  # (B, M, C)
         attention = None
         for i, layer in enumerate(self.layers):
             x, weights = layer(x, memory, pos, need_weights=i == len(self.layers) - 1)
             if weights is not None:
                 attention = weights
         assert attention is not None  # depth >= 1
+        attention = attention[..., :n]  # over the image tokens, renormalised
+        attention = attention / attention.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         return self.norm(x), attention

@@ -96,7 +96,8 @@ class ECLIP(nn.Module):
         token_embeddings = F.normalize(self.image_head(features.tokens), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:
-            hidden, attn = self.decoder(features.tokens, features.grid)  # (B,M,C), (B,M,N)
+            memory = features.level(self.config.decoder.memory_level)
+            hidden, attn = self.decoder(memory, features.grid)  # (B,M,C), (B,M,N)
             instances = F.normalize(self.instance_head(hidden), dim=-1)
             productness = self.productness_head(hidden).squeeze(-1)
             attention = attn.unflatten(-1, features.grid)

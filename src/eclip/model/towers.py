@@ -23,6 +23,15 @@ class VisionFeatures:
     pooled: torch.Tensor  # (B, C) global feature
     tokens: torch.Tensor  # (B, N, C) spatial tokens, row-major over the grid
     grid: tuple[int, int]  # (h, w) with h * w == N
+    # (B, N, C) tokens after the stem (index 0) and after each block (1..depth), same grid;
+    # the instance decoder may read an earlier, more local level than the last
+    levels: list[torch.Tensor] | None = None
+
+    def level(self, index: int) -> torch.Tensor:
+        """Tokens at a depth: -1 (or depth) is the final normalised output."""
+        if index == -1 or self.levels is None or index == len(self.levels) - 1:
+            return self.tokens
+        return self.levels[index]
 
 
 class VisionTower(nn.Module):
@@ -51,6 +60,15 @@ class TextTower(nn.Module):
         return self.forward_features(token_ids, mask)
 
 
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels at each position of a (B, C, H, W) map (as in ConvNeXt):
+    unlike BatchNorm or GroupNorm it keeps a feature independent of other positions and of
+    the rest of the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def build_stem(kind: str, width: int, patch_size: int) -> nn.Module:
     """Images (B, 3, S, S) -> (B, width, S / patch, S / patch)."""
     if kind == "patch":
@@ -59,7 +77,7 @@ def build_stem(kind: str, width: int, patch_size: int) -> nn.Module:
         layers, channels, stride = [], 3, 1
         while stride < patch_size:
             out = width if stride * 2 == patch_size else max(16, width // (patch_size // (stride * 2)))
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(min(8, out), out), nn.GELU()]
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), ChannelNorm(out), nn.GELU()]
             channels, stride = out, stride * 2
         if stride != patch_size:
             raise ValueError(f"conv stem needs a power-of-two patch_size, got {patch_size}")
@@ -83,6 +101,7 @@ class TinyViT(VisionTower):
         self.grid = (side, side)
         self.patch_embed = build_stem(config.stem, config.width, config.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, side * side, config.width) * 0.02)
+        self.registers = nn.Parameter(torch.randn(1, config.registers, config.width) * 0.02)
         self.blocks = nn.ModuleList(
             Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
@@ -90,11 +109,15 @@ class TinyViT(VisionTower):
 
     def forward_features(self, images: torch.Tensor) -> VisionFeatures:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        n = x.shape[1]
         x = x + self.pos_embed
+        levels = [x]
+        x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + R, C)
         for block in self.blocks:
             x = block(x)
-        tokens = self.norm(x)
-        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid)
+            levels.append(x[:, :n])
+        tokens = self.norm(x[:, :n])
+        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid, levels=levels)
 
 
 class TinyTextTransformer(TextTower):

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eclip_app.cli import build_parser, main
+
+SUBCOMMANDS = [["demo"], ["train"], ["eval"], ["synth"], ["catalog"], ["catalog", "validate"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS)
+def test_every_subcommand_has_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: eclip " + " ".join(words) in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "eclip_app.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "train" in out.stdout
+
+
+def test_catalog_validate_reports_and_fails_on_empty(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    assert main(["catalog", "validate", str(bad)]) == 1
+    assert "no usable product" in capsys.readouterr().err
+
+
+def test_demo_pipeline_end_to_end(tmp_path, capsys):
+    """The whole demo at a toy size: train both, evaluate, write the report and results."""
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--products", "40", "--steps", "4", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for name in ("eclip", "clip"):
+        for key in ("classification_top1", "text_to_product_r10", "same_product_map_r", "grounding_acc50"):
+            assert 0.0 <= results[name][key] <= 1.0
+    assert results["meta"]["peak_memory_gib"] < 4
+    report = (out / "report.md").read_text()
+    assert "| same-product mAP@R |" in report and "grounding.png" in report
+    for picture in ("loss_curves.png", "grounding.png"):
+        assert (out / picture).stat().st_size > 10_000
+    assert "ECLIP - CLIP" in capsys.readouterr().out
+
+    # eval --json on the saved ECLIP model prints the same headline keys
+    assert main(["-q", "eval", "--model", str(out / "eclip" / "model"), "--catalog", str(out / "data" / "heldout.jsonl"), "--json", "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["same_product_map_r"] == pytest.approx(results["eclip"]["same_product_map_r"])
+
+
+def test_train_command_and_resume(tmp_path, synth_catalog, capsys):
+    out = tmp_path / "run"
+    args = ["-q", "train", "--catalog", str(synth_catalog["train"]), "--out", str(out), "--no-progress",
+            "--set", "steps=4", "--set", "checkpoint_every=2", "--set", "products_per_batch=4",
+            "--set", "model.vision.image_size=32", "--set", "model.vision.width=32", "--set", "model.text.width=32",
+            "--set", "model.decoder.width=32", "--set", "model.embed_dim=16"]
+    assert main(args) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    assert main([*args, "--resume"]) == 0  # already finished: resumes at step 4, trains nothing
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines][-1] == 4
+    assert main(["-q", "train", "--no-progress"]) == 2
