@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from eclip.evaluation import macro_f1, random_box_accuracy, ranks_metrics
+from eclip.evaluation import macro_f1, random_box_baseline, ranks_metrics
 
 
 def test_ranks_metrics_by_hand():
@@ -31,6 +31,7 @@ def test_macro_f1():
 
 
 def test_random_box_accuracy_grows_with_the_box():
-    small = random_box_accuracy([(0.4, 0.4, 0.5, 0.5)] * 10)
-    large = random_box_accuracy([(0.2, 0.2, 0.8, 0.8)] * 10)
+    small, small_iou = random_box_baseline([(0.4, 0.4, 0.5, 0.5)] * 10)
+    large, large_iou = random_box_baseline([(0.2, 0.2, 0.8, 0.8)] * 10)
     assert small < 0.02 < large
+    assert 0 < small_iou < large_iou < 1

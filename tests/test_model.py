@@ -156,7 +156,7 @@ def test_decoder_memory_levels_and_registers(memory_level, registers):
 
 
 def test_vision_levels_are_per_block_tokens():
-    model = ECLIP(micro_config()).eval()
+    model = ECLIP(override(micro_config(), ["vision.stem_norm=channel"])).eval()
     features = model.vision.forward_features(torch.randn(2, 3, 32, 32))
     assert len(features.levels) == 1 + model.config.vision.depth
     assert all(level.shape == features.tokens.shape for level in features.levels)
@@ -169,3 +169,20 @@ def test_vision_levels_are_per_block_tokens():
     b = model.vision.forward_features(changed).level(0)
     assert not torch.allclose(a[:, 0], b[:, 0])
     torch.testing.assert_close(a[:, -1], b[:, -1])
+
+
+def test_local_blocks_keep_tokens_local():
+    """With local blocks, a token at that depth ignores far-away pixels; a global block does not."""
+    torch.manual_seed(5)
+    config = override(micro_config(), ["vision.stem_norm=channel", "vision.depth=2", "vision.local_blocks=1", "vision.local_radius=1", "vision.registers=2"])
+    model = ECLIP(config).eval()
+    images = torch.randn(1, 3, 32, 32)
+    changed = images.clone()
+    changed[..., :8, :8] += 1.0  # the top-left patch only
+    a = model.vision.forward_features(images)
+    b = model.vision.forward_features(changed)
+    # after the local block: the bottom-right token (3, 3) is more than one token away
+    torch.testing.assert_close(a.level(1)[:, -1], b.level(1)[:, -1])
+    assert not torch.allclose(a.level(1)[:, 0], b.level(1)[:, 0])
+    # after the global block it sees the change
+    assert not torch.allclose(a.level(2)[:, -1], b.level(2)[:, -1])

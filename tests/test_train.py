@@ -4,7 +4,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from eclip.config import override
 from eclip.data import load_catalog
 from eclip.evaluation import evaluate
 from eclip_app.train import (
@@ -90,15 +89,16 @@ def test_train_config_file_and_overrides(tmp_path):
 
 @pytest.mark.slow
 def test_short_training_learns_and_grounds(synth_catalog, tmp_path):
-    """A few hundred steps on a tiny ShopSynth: loss falls and grounding beats a random box."""
+    """A few hundred steps of the tiny preset on a small ShopSynth: the loss falls, and the
+    selected query's box and peak beat a random box and a random point."""
     config = make_train_config("tiny", "eclip", catalog=str(synth_catalog["train"]), out_dir=str(tmp_path / "e2e"),
-                               steps=150, warmup_steps=10, products_per_batch=12, images_per_product=3,
+                               steps=250, warmup_steps=20, products_per_batch=12, images_per_product=3,
                                checkpoint_every=1000, log_every=10)
-    config = override(config, ["model.vision.image_size=32", "model.vision.patch_size=4"])
     result = train(config, progress=False)
     losses = [r["loss_total"] for r in result.history]
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
     products, _ = load_catalog(synth_catalog["train"])
     metrics = evaluate(result.model, products, progress=False)
-    assert metrics["grounding_acc50"] > metrics["grounding_acc50_random_box"] + 0.05
-    assert metrics["grounding_pointing"] > 0.3
+    grounding = {k: round(v, 3) for k, v in metrics.items() if k.startswith("grounding")}
+    assert metrics["grounding_mean_iou"] > metrics["grounding_mean_iou_random_box"] + 0.03, grounding
+    assert metrics["grounding_pointing"] > metrics["grounding_pointing_random"] + 0.1, grounding

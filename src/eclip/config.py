@@ -20,9 +20,17 @@ class VisionConfig:
     # "conv": three stride-2 convolutions instead of one patchify layer. Early convolutions make
     # small ViTs train faster and keep tokens local, which grounding relies on.
     stem: str = "conv"
+    # normalisation in the conv stem: "channel" (LayerNorm over channels at each position:
+    # strictly local) or "group" (GroupNorm over the whole map: contrast-normalises the image)
+    stem_norm: str = "group"
     # Extra learnable tokens that join self-attention and are dropped from the output: they
     # give the ViT somewhere other than background patches to keep global information.
     registers: int = 4
+    # The first `local_blocks` blocks attend only within `local_radius` tokens (registers
+    # excepted), so tokens up to that depth stay local: what the decoder reads there is where
+    # it is in the image. Later blocks are global, as in a plain ViT.
+    local_blocks: int = 0
+    local_radius: int = 1
     image_size: int = 64
     patch_size: int = 8
     width: int = 128

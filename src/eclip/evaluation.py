@@ -69,16 +69,19 @@ def macro_f1(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> floa
     return float(np.mean(scores)) if scores else 0.0
 
 
-def random_box_accuracy(boxes: list[tuple], seed: int = 0, trials: int = 20) -> float:
-    """Acc@IoU0.5 of boxes drawn at random (uniform corners): the floor grounding must beat."""
+def random_box_baseline(boxes: list[tuple], seed: int = 0, trials: int = 20) -> tuple[float, float]:
+    """Acc@IoU0.5 and mean IoU of boxes drawn at random (uniform corners): the floor that
+    grounding must beat."""
     rng = random.Random(seed)
-    hits = 0
+    ious = []
     for _ in range(trials):
         for box in boxes:
             xs = sorted(rng.random() for _ in range(2))
             ys = sorted(rng.random() for _ in range(2))
-            hits += box_iou((xs[0], ys[0], xs[1], ys[1]), box) >= 0.5
-    return hits / (trials * len(boxes)) if boxes else 0.0
+            ious.append(box_iou((xs[0], ys[0], xs[1], ys[1]), box))
+    if not ious:
+        return 0.0, 0.0
+    return float(np.mean(np.array(ious) >= 0.5)), float(np.mean(ious))
 
 
 def _label_attributes(products: list[Product], max_values: int = 50) -> dict[str, list[str]]:
@@ -176,5 +179,7 @@ def evaluate(
         results["grounding_acc50"] = float(np.mean(np.array(ious) >= 0.5))
         results["grounding_mean_iou"] = float(np.mean(ious))
         results["grounding_pointing"] = float(np.mean(points))
-        results["grounding_acc50_random_box"] = random_box_accuracy(boxes)
+        results["grounding_acc50_random_box"], results["grounding_mean_iou_random_box"] = random_box_baseline(boxes)
+        # a point drawn uniformly lands in the box with probability = its area
+        results["grounding_pointing_random"] = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]))
     return results

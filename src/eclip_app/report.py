@@ -27,7 +27,10 @@ TABLE_ROWS = [
     ("same_product_r1", "same-product R@1"),
     ("grounding_acc50", "grounding Acc@IoU0.5"),
     ("grounding_pointing", "grounding pointing game"),
+    ("grounding_mean_iou", "grounding mean IoU"),
     ("grounding_acc50_random_box", "grounding Acc@IoU0.5, random box"),
+    ("grounding_mean_iou_random_box", "grounding mean IoU, random box"),
+    ("grounding_pointing_random", "pointing game, random point"),
 ]
 
 

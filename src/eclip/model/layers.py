@@ -43,6 +43,8 @@ class Attention(nn.Module):
         value: torch.Tensor,  # (B, K, C)
         key_padding_mask: torch.Tensor | None = None,  # (B, K), True where the key is real
         need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,  # (Q, K), True where the query may look
+
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, nq, c = query.shape
         nk = key.shape[1]
@@ -51,6 +53,8 @@ class Attention(nn.Module):
         k = self.k(key).view(b, nk, h, c // h).transpose(1, 2)  # (B, H, K, D)
         v = self.v(value).view(b, nk, h, c // h).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if attn_mask is not None:
+            mask = attn_mask if mask is None else mask & attn_mask
         if not need_weights:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             weights = None
@@ -75,9 +79,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, key_padding_mask)[0]
+        x = x + self.attn(h, h, h, key_padding_mask, attn_mask=attn_mask)[0]
         return x + self.mlp(self.norm2(x))
 
 
@@ -94,3 +103,17 @@ def sine_position_encoding_2d(height: int, width: int, dim: int, temperature: fl
     y_enc = torch.cat([y.sin(), y.cos()], dim=1)[:, None, :].expand(height, width, 2 * quarter)
     x_enc = torch.cat([x.sin(), x.cos()], dim=1)[None, :, :].expand(height, width, 2 * quarter)
     return torch.cat([y_enc, x_enc], dim=-1).reshape(height * width, dim)
+
+
+def neighbourhood_mask(height: int, width: int, radius: int, extra: int = 0) -> torch.Tensor:
+    """(N + extra, N + extra) bool: grid tokens see grid tokens within `radius` rows and
+    columns; the `extra` tokens (registers, after the grid) see everything, and no grid token
+    sees them, so global information cannot flow back into the grid."""
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
+    n = height * width
+    mask = torch.zeros(n + extra, n + extra, dtype=torch.bool)
+    mask[:n, :n] = near
+    mask[n:, :] = True
+    return mask

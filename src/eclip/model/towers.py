@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig, VisionConfig
-from .layers import Block
+from .layers import Block, neighbourhood_mask
 from .tokenizer import HashTokenizer
 
 
@@ -69,7 +69,15 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def build_stem(kind: str, width: int, patch_size: int) -> nn.Module:
+def stem_norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "channel":
+        return ChannelNorm(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown stem_norm {kind!r} (channel or group)")
+
+
+def build_stem(kind: str, width: int, patch_size: int, norm: str = "channel") -> nn.Module:
     """Images (B, 3, S, S) -> (B, width, S / patch, S / patch)."""
     if kind == "patch":
         return nn.Conv2d(3, width, patch_size, stride=patch_size)
@@ -77,7 +85,7 @@ def build_stem(kind: str, width: int, patch_size: int) -> nn.Module:
         layers, channels, stride = [], 3, 1
         while stride < patch_size:
             out = width if stride * 2 == patch_size else max(16, width // (patch_size // (stride * 2)))
-            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), ChannelNorm(out), nn.GELU()]
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), stem_norm_layer(norm, out), nn.GELU()]
             channels, stride = out, stride * 2
         if stride != patch_size:
             raise ValueError(f"conv stem needs a power-of-two patch_size, got {patch_size}")
@@ -99,13 +107,17 @@ class TinyViT(VisionTower):
         self.image_size = config.image_size
         side = config.image_size // config.patch_size
         self.grid = (side, side)
-        self.patch_embed = build_stem(config.stem, config.width, config.patch_size)
+        self.patch_embed = build_stem(config.stem, config.width, config.patch_size, config.stem_norm)
         self.pos_embed = nn.Parameter(torch.randn(1, side * side, config.width) * 0.02)
         self.registers = nn.Parameter(torch.randn(1, config.registers, config.width) * 0.02)
         self.blocks = nn.ModuleList(
             Block(config.width, config.heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.norm = nn.LayerNorm(config.width)
+        self.local_blocks = config.local_blocks
+        self.register_buffer(
+            "local_mask", neighbourhood_mask(side, side, config.local_radius, config.registers), persistent=False
+        )
 
     def forward_features(self, images: torch.Tensor) -> VisionFeatures:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
@@ -113,8 +125,8 @@ class TinyViT(VisionTower):
         x = x + self.pos_embed
         levels = [x]
         x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + R, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask=self.local_mask if i < self.local_blocks else None)
             levels.append(x[:, :n])
         tokens = self.norm(x[:, :n])
         return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid, levels=levels)
