@@ -19,7 +19,6 @@ from tqdm import tqdm
 from eclip.config import (
     LossConfig,
     ModelConfig,
-    from_dict,
     model_preset,
     objective_preset,
     override,
@@ -100,10 +99,6 @@ def _flatten(data: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def train_config_from_dict(data: dict) -> TrainConfig:
-    return from_dict(TrainConfig, data)
 
 
 # ----------------------------------------------------------------------------- optimisation

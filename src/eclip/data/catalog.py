@@ -184,35 +184,3 @@ def _parse_image(entry, number, root, product_id, report, check_images) -> Produ
             report.add(number, "bad box", f"product {product_id}: image {image_path}: {error}")
             return None
     return ProductImage(path=str(image_path), box=box)
-
-
-def write_catalog(products: list[Product], path: str | Path) -> None:
-    """Write products as JSON Lines, image paths relative to the catalog where possible."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for product in products:
-            images = []
-            for image in product.images:
-                rel = _relative(image.path, path.parent)
-                if image.box is None:
-                    images.append(rel)
-                else:
-                    w, h = Image.open(image.path).size
-                    x0, y0, x1, y1 = image.box
-                    images.append({"path": rel, "box": [round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)]})
-            record = {"product_id": product.product_id, "title": product.title, "images": images}
-            if product.category is not None:
-                record["category"] = product.category
-            if product.attributes:
-                record["attributes"] = product.attributes
-            handle.write(json.dumps(record) + "\n")
-    tmp.replace(path)
-
-
-def _relative(image_path: str, root: Path) -> str:
-    try:
-        return str(Path(image_path).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(Path(image_path).resolve())
