@@ -186,3 +186,12 @@ def test_local_blocks_keep_tokens_local():
     assert not torch.allclose(a.level(1)[:, 0], b.level(1)[:, 0])
     # after the global block it sees the change
     assert not torch.allclose(a.level(2)[:, -1], b.level(2)[:, -1])
+
+
+def test_level_of_a_tower_without_levels_is_an_error():
+    from eclip.model.towers import VisionFeatures
+
+    features = VisionFeatures(pooled=torch.zeros(1, 4), tokens=torch.zeros(1, 4, 4), grid=(2, 2))
+    assert features.level(-1) is features.tokens
+    with pytest.raises(ValueError, match="level 2"):
+        features.level(2)

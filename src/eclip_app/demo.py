@@ -49,9 +49,9 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     out = Path(out_dir)
-    size = SIZES["quick" if quick else "full"]
-    steps = steps or size.steps
-    size = DemoSize(products=products or size.products, steps=steps, warmup=min(size.warmup, max(1, steps // 10)))
+    preset = SIZES["quick" if quick else "full"]
+    steps = steps or preset.steps
+    size = DemoSize(products=products or preset.products, steps=steps, warmup=min(preset.warmup, max(1, steps // 10)))
     begin = time.time()
 
     data_dir = out / "data"

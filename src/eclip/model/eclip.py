@@ -21,7 +21,7 @@ class ImageEncoding:
     instances: torch.Tensor | None  # (B, M, D), L2-normalised; None without a decoder
     productness: torch.Tensor | None  # (B, M) logits
     attention: torch.Tensor | None  # (B, M, h, w), each map sums to 1
-    token_embeddings: torch.Tensor  # (B, N, D) tokens through the image head, L2-normalised
+    tokens: torch.Tensor  # (B, N, C) final visual tokens (the baseline's grounding projects them)
     grid: tuple[int, int]
 
 
@@ -93,7 +93,6 @@ class ECLIP(nn.Module):
         """images (B, 3, S, S), normalised as `eclip.data.transforms` does."""
         features = self.vision.forward_features(images)
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
-        token_embeddings = F.normalize(self.image_head(features.tokens), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:
             memory = features.level(self.config.decoder.memory_level)
@@ -102,7 +101,7 @@ class ECLIP(nn.Module):
             productness = self.productness_head(hidden).squeeze(-1)
             attention = attn.unflatten(-1, features.grid)
         return ImageEncoding(
-            global_embedding, instances, productness, attention, token_embeddings, features.grid
+            global_embedding, instances, productness, attention, features.tokens, features.grid
         )
 
     def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +146,9 @@ class ECLIP(nn.Module):
         """Grid maps (B, h, w) for image i and text i: the selected query's cross-attention, or
         for the baseline the similarity of the text to each projected token (MaskCLIP-style)."""
         if encoding.attention is None:
-            sims = torch.einsum("bnd,bd->bn", encoding.token_embeddings, texts)
+            # projected only here, not on every training step
+            token_embeddings = F.normalize(self.image_head(encoding.tokens), dim=-1)  # (B, N, D)
+            sims = torch.einsum("bnd,bd->bn", token_embeddings, texts)
             return sims.unflatten(-1, encoding.grid), None
         sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
         index = sims.argmax(dim=-1)  # (B,)

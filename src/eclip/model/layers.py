@@ -44,7 +44,6 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,  # (B, K), True where the key is real
         need_weights: bool = False,
         attn_mask: torch.Tensor | None = None,  # (Q, K), True where the query may look
-
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, nq, c = query.shape
         nk = key.shape[1]

@@ -29,8 +29,10 @@ class VisionFeatures:
 
     def level(self, index: int) -> torch.Tensor:
         """Tokens at a depth: -1 (or depth) is the final normalised output."""
-        if index == -1 or self.levels is None or index == len(self.levels) - 1:
+        if index == -1 or (self.levels is not None and index == len(self.levels) - 1):
             return self.tokens
+        if self.levels is None:
+            raise ValueError(f"this vision tower exposes only its final tokens, not level {index}")
         return self.levels[index]
 
 
@@ -62,8 +64,8 @@ class TextTower(nn.Module):
 
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channels at each position of a (B, C, H, W) map (as in ConvNeXt):
-    unlike BatchNorm or GroupNorm it keeps a feature independent of other positions and of
-    the rest of the batch."""
+    unlike GroupNorm it keeps a feature independent of other positions, and unlike BatchNorm
+    of the rest of the batch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -77,7 +79,7 @@ def stem_norm_layer(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown stem_norm {kind!r} (channel or group)")
 
 
-def build_stem(kind: str, width: int, patch_size: int, norm: str = "channel") -> nn.Module:
+def build_stem(kind: str, width: int, patch_size: int, norm: str) -> nn.Module:
     """Images (B, 3, S, S) -> (B, width, S / patch, S / patch)."""
     if kind == "patch":
         return nn.Conv2d(3, width, patch_size, stride=patch_size)
