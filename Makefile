@@ -10,7 +10,7 @@ DEMO_ARGS ?=
 $(BIN)/eclip: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[all,dev]'
 	touch $(BIN)/eclip
 
 setup: $(BIN)/eclip
