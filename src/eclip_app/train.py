@@ -8,7 +8,9 @@ import logging
 import math
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +26,13 @@ from eclip.config import (
     override,
     to_dict,
 )
-from eclip.data import ImageStore, PKSampler, collate, load_catalog
+from eclip.data import Batch, ImageStore, PKSampler, collate, load_catalog
 from eclip.io import atomic_write_text, replace_folder, save_model, write_model_files
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
+
+from .distributed import DistEnv, any_rank, barrier, init_distributed
+from .step import FeatureForward, TrainStep
 
 logger = logging.getLogger("eclip.train")
 
@@ -54,6 +59,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    # --- scale and efficiency (all off by default: the CPU demo needs none of them)
+    device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu
+    precision: str = "fp32"  # or "bf16": autocast of the towers and decoder; losses in fp32
+    accum_steps: int = 1  # micro-batches per step; the losses still see the whole batch
+    grad_checkpointing: bool = False  # recompute tower blocks in backward: less memory
+    compile: bool = False  # torch.compile the forward
+    compile_backend: str = "inductor"
+    fused_adamw: bool | None = None  # None: fused where torch has the kernel
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
+    tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
 
 
 def make_train_config(model_preset_name: str = "tiny", objective: str = "eclip", **fields) -> TrainConfig:
@@ -182,11 +197,82 @@ class TrainResult:
     history: list[dict]
     out_dir: Path
     seconds: float
+    stopped_by_signal: bool = False
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite
 
 
-def augmentation_generator(seed: int, step: int) -> torch.Generator:
-    """Augmentation randomness is a function of (seed, step): a resumed run draws the same views."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def augmentation_generator(seed: int, step: int, slot: int = 0) -> torch.Generator:
+    """Augmentation randomness is a function of (seed, step, position in the global batch): a
+    resumed run, or the same run on another number of ranks, draws the same views."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + slot)
+
+
+def rank_slice(slots: list, world_size: int, rank: int) -> tuple[list, int]:
+    """This rank's contiguous share of the global batch's products (whole products, so a
+    product's images and title stay together), and the share's first slot index."""
+    products = list(dict.fromkeys(slot.product for slot in slots))
+    if len(products) % world_size:
+        raise ValueError(f"products_per_batch={len(products)} is not divisible by {world_size} ranks")
+    share = len(products) // world_size
+    mine = set(products[rank * share : (rank + 1) * share])
+    first = next(i for i, slot in enumerate(slots) if slot.product in mine)
+    return [slot for slot in slots if slot.product in mine], first
+
+
+def make_batch(store: ImageStore, slots: list, seed: int, step: int, env: DistEnv) -> Batch:
+    """This rank's part of the global batch drawn at `step`; augmented views are drawn per
+    product with a generator of its position, so they do not depend on the number of ranks."""
+    mine, first = rank_slice(slots, env.world_size, env.rank)
+    by_product: dict[int, list] = {}
+    for slot in mine:
+        by_product.setdefault(slot.product, []).append(slot)
+    parts, offset = [], first
+    for group in by_product.values():
+        parts.append(collate(store, group, augmentation_generator(seed, step, offset)))
+        offset += len(group)
+    return Batch(
+        images=torch.cat([b.images for b in parts]),
+        image_pids=torch.cat([b.image_pids for b in parts]),
+        titles=[t for b in parts for t in b.titles],
+        text_pids=torch.cat([b.text_pids for b in parts]),
+    )
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's pre-emption, `kill`) or SIGINT sets a flag; the loop finishes
+    its step, writes a checkpoint and returns, so `--resume` continues where it stopped."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received signal %d: finishing the step and writing a checkpoint", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config.weight_decay)
+    fused = config.fused_adamw
+    if fused is None:  # auto: fused where torch has a fused kernel for the device
+        fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=bool(fused) or None)
 
 
 def train(
@@ -197,19 +283,42 @@ def train(
     stop_at: int | None = None,
 ) -> TrainResult:
     """Train to `config.steps` (the schedule's length), or stop early after `stop_at` steps with
-    a checkpoint, as a run cut short by its time limit would; `resume` continues it."""
+    a checkpoint, as a run cut short by its time limit would; `resume` continues it.
+
+    Under `torchrun` every rank runs this function; rank 0 alone logs and writes files."""
+    env = init_distributed(config.device)
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     products, report = load_catalog(config.catalog)
-    logger.info(report.summary())
+    if env.is_main:
+        logger.info(report.summary())
     model = ECLIP(config.model)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(env.device)
     criterion = ECLIPLoss(config.loss)
     if store is None or store.image_size != model.image_size:
         store = ImageStore(products, model.image_size)
     sampler = PKSampler([len(p.images) for p in products], config.products_per_batch, config.images_per_product, config.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = build_optimizer(model, config, env.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+
+    forward: torch.nn.Module = FeatureForward(model)
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # an objective switched off leaves its logit scale without a gradient
+        unused = config.model.decoder is not None and not all(
+            (config.loss.inter_weight, config.loss.intra_weight, config.loss.productness_weight)
+        )
+        forward = DistributedDataParallel(
+            forward, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=unused
+        )
+    if config.compile:
+        forward = torch.compile(forward, backend=config.compile_backend)
+    step_fn = TrainStep(model, criterion, forward, env.device, config.accum_steps, config.precision)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -221,47 +330,135 @@ def train(
         if metrics_path.exists():  # drop log lines past the checkpoint: they will be redone
             lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in lines if r["step"] <= start]
-    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    atomic_write_text(out / "train_config.json", json.dumps(to_dict(config), indent=2))
+    logs = RunLogs(out, history, enabled=env.is_main, tensorboard=config.tensorboard)
+    if env.is_main:
+        atomic_write_text(out / "train_config.json", json.dumps(to_dict(config), indent=2))
 
     model.train()
     begin = time.time()
-    bar = tqdm(total=config.steps, initial=start, desc=f"train {config.objective}", unit="step", disable=not progress, dynamic_ncols=True)
-    window_start, window_samples = time.time(), 0
-    with metrics_path.open("a", encoding="utf-8") as log:
-        end = config.steps if stop_at is None else min(stop_at, config.steps)
-        for step in range(start, end):
-            batch = collate(store, sampler.batch(step), augmentation_generator(config.seed, step))
-            sampler.step = step + 1
-            encoding = model.encode_image(batch.images)
-            texts = model.encode_text(batch.titles)
-            losses = criterion(model, encoding, texts, batch.image_pids, batch.text_pids)
+    bar = tqdm(total=config.steps, initial=start, desc=f"train {config.objective}", unit="step", disable=not (progress and env.is_main), dynamic_ncols=True)
+    window = ThroughputWindow()
+    skipped = bad_in_a_row = 0
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    step = start
+    with StopSignal() as stop, logs:
+        while step < end:
+            data_start = time.perf_counter()
+            batch = make_batch(store, sampler.batch(step), config.seed, step, env)
+            data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            result = step_fn(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if result.finite else torch.tensor(float("nan"))
+            finite = result.finite and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad_in_a_row = 0
+            else:  # a NaN/inf loss or gradient: skip the update, keep the schedule moving
+                skipped += 1
+                bad_in_a_row += 1
+                logger.warning("step %d: non-finite loss or gradient (%s); update skipped", step + 1, result.losses)
+                if bad_in_a_row >= config.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last at step {step + 1}); "
+                        f"lower the learning rate or check the data. The last good checkpoint is in {checkpoint_dir(out)}"
+                    )
             scheduler.step()
-
-            window_samples += len(batch.images)
+            step += 1
+            sampler.step = step
+            window.add(len(batch.images) * env.world_size, data_time)
             bar.update(1)
-            if (step + 1) % config.log_every == 0 or step + 1 == end:
-                elapsed = time.time() - window_start
+            stopping = stop.received is not None or (env.distributed and any_rank(stop.received is not None, env.device))
+            if step % config.log_every == 0 or step == end or stopping:
                 record = {
-                    "step": step + 1,
-                    **{f"loss_{k}": round(v.item(), 5) for k, v in losses.items()},
+                    "step": step,
+                    **{f"loss_{k}": round(v, 5) for k, v in result.losses.items()},
                     "lr": scheduler.get_last_lr()[0],
+                    **{f"lr_group{i}": lr for i, lr in enumerate(scheduler.get_last_lr())},
                     "grad_norm": round(float(grad_norm), 4),
-                    "samples_per_s": round(window_samples / max(elapsed, 1e-9), 2),
+                    **window.read(env.world_size),
+                    "skipped_steps": skipped,
                     **{f"logit_scale_{k}": round(s().item(), 3) for k, s in model.logit_scales.items()},
                 }
-                history.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                logs.write(record)
                 bar.set_postfix(loss=f"{record['loss_total']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-                window_start, window_samples = time.time(), 0
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
-                save_checkpoint(out, model, optimizer, scheduler, sampler, step + 1, config.keep_checkpoints)
+            if step % config.checkpoint_every == 0 or step == end or stopping:
+                if env.is_main:
+                    save_checkpoint(out, model, optimizer, scheduler, sampler, step, config.keep_checkpoints)
+                barrier()
+            if stopping:
+                break
     bar.close()
     model.eval()
-    save_model(model, out / "model")
-    return TrainResult(model=model, history=history, out_dir=out, seconds=time.time() - begin)
+    if env.is_main and step == config.steps:
+        save_model(model, out / "model")
+    barrier()
+    return TrainResult(model=model, history=logs.history, out_dir=out, seconds=time.time() - begin,
+                       stopped_by_signal=stop.received is not None, skipped_steps=skipped)
+
+
+class ThroughputWindow:
+    """Samples/s and the fraction of wall time spent waiting for data since the last read."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.samples, self.data_time = time.perf_counter(), 0, 0.0
+
+    def add(self, samples: int, data_time: float) -> None:
+        self.samples += samples
+        self.data_time += data_time
+
+    def read(self, world_size: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {
+            "samples_per_s": round(self.samples / elapsed, 2),
+            "samples_per_s_per_device": round(self.samples / elapsed / world_size, 2),
+            "data_wait_fraction": round(min(1.0, self.data_time / elapsed), 4),
+        }
+        self.reset()
+        return out
+
+
+class RunLogs:
+    """metrics.jsonl (always) and TensorBoard event files (when installed and enabled), written
+    by rank 0 only."""
+
+    def __init__(self, out: Path, history: list[dict], enabled: bool, tensorboard: bool):
+        self.history = history
+        self.enabled = enabled
+        self.file = None
+        self.writer = None
+        if not enabled:
+            return
+        path = out / "metrics.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
+        self.file = path.open("a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the `scale` extra is not installed
+                logger.warning("tensorboard is not installed; logging to metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=history[-1]["step"] + 1 if history else None)
+
+    def write(self, record: dict) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    tag = key.replace("loss_", "loss/", 1).replace("lr_", "lr/", 1)
+                    self.writer.add_scalar(tag, value, record["step"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()

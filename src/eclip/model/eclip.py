@@ -79,6 +79,11 @@ class ECLIP(nn.Module):
             self.productness_head = nn.Linear(config.decoder.width, 1)
             self.logit_scales.update({"inter": scale(), "intra": scale()})
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in both towers (timm's and open_clip's method name)."""
+        self.vision.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
     @property
     def tokenizer(self):
         return self.text.tokenizer

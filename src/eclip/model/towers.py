@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig, VisionConfig
 from .layers import Block, neighbourhood_mask
@@ -41,6 +42,11 @@ class VisionTower(nn.Module):
 
     width: int
     image_size: int
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass rather than keep its activations."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, images: torch.Tensor) -> VisionFeatures:
         raise NotImplementedError
@@ -54,12 +60,23 @@ class TextTower(nn.Module):
 
     width: int
     tokenizer: HashTokenizer
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.forward_features(token_ids, mask)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, checkpointed: bool, **kwargs) -> torch.Tensor:
+    """`block(x, **kwargs)`, recomputed in the backward pass when `checkpointed` (in training)."""
+    if checkpointed and block.training and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -128,7 +145,7 @@ class TinyViT(VisionTower):
         levels = [x]
         x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)  # (B, N + R, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask=self.local_mask if i < self.local_blocks else None)
+            x = run_block(block, x, self.grad_checkpointing, attn_mask=self.local_mask if i < self.local_blocks else None)
             levels.append(x[:, :n])
         tokens = self.norm(x[:, :n])
         return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid, levels=levels)
@@ -152,7 +169,7 @@ class TinyTextTransformer(TextTower):
     def forward_features(self, token_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.token_embed(token_ids) + self.pos_embed[:, : token_ids.shape[1]]
         for block in self.blocks:
-            x = block(x, key_padding_mask=mask)
+            x = run_block(block, x, self.grad_checkpointing, key_padding_mask=mask)
         x = self.norm(x)
         weights = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)

@@ -1,0 +1,220 @@
+"""Training at scale, checked on the CPU at a tiny size: DDP across processes equals one
+process on the global batch, accumulation equals one big batch, and the efficiency and
+robustness options do what they say."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eclip.config import LossConfig
+from eclip.data import Batch
+from eclip.losses import ECLIPLoss
+from eclip.model import ECLIP
+from eclip_app.distributed import init_distributed, shutdown_distributed
+from eclip_app.step import FeatureForward, TrainStep, micro_batches
+from eclip_app.train import list_checkpoints, make_train_config, train
+
+from .conftest import micro_config
+
+P, K = 4, 2
+
+
+def _global_batch() -> Batch:
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(P * K, 3, 32, 32, generator=g)
+    pids = torch.arange(P).repeat_interleave(K) + 100
+    titles = [f"red {c} shirt brand{c}" for c in "abcd"]
+    return Batch(images=images, image_pids=pids, titles=titles, text_pids=torch.arange(P) + 100)
+
+
+def _slice(batch: Batch, rank: int, world: int) -> Batch:
+    share = P // world
+    t = slice(rank * share, (rank + 1) * share)
+    i = slice(rank * share * K, (rank + 1) * share * K)
+    return Batch(batch.images[i], batch.image_pids[i], batch.titles[t], batch.text_pids[t])
+
+
+def _model() -> ECLIP:
+    torch.manual_seed(0)
+    return ECLIP(micro_config())
+
+
+def _grads(model: ECLIP) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _single(accum: int = 1, precision: str = "fp32", checkpointing: bool = False, compile_backend: str | None = None):
+    model = _model()
+    model.set_grad_checkpointing(checkpointing)
+    forward = FeatureForward(model)
+    if compile_backend:
+        forward = torch.compile(forward, backend=compile_backend)
+    out = TrainStep(model, ECLIPLoss(LossConfig()), forward, torch.device("cpu"), accum, precision)(_global_batch())
+    return out, _grads(model)
+
+
+def _worker(rank: int, world: int, port: int, accum: int, result_path: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = init_distributed("cpu")
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model()
+    forward = DistributedDataParallel(FeatureForward(model))
+    out = TrainStep(model, ECLIPLoss(LossConfig()), forward, env.device, accum)(_slice(_global_batch(), rank, world))
+    if rank == 0:
+        torch.save({"losses": out.losses, "grads": _grads(model)}, result_path)
+    shutdown_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_equal_one_on_the_global_batch(tmp_path, accum):
+    """Gathered negatives and same-product masks across ranks: loss and every gradient of a
+    2-process DDP step (gloo) equal those of one process on the same global batch."""
+    path = str(tmp_path / "rank0.pt")
+    mp.spawn(_worker, args=(2, _free_port(), accum, path), nprocs=2, join=True)
+    got = torch.load(path, weights_only=True)
+    expected, grads = _single()
+    assert got["losses"] == pytest.approx(expected.losses, rel=1e-5, abs=1e-6)
+    assert set(got["grads"]) == set(grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_accumulation_equals_one_big_batch():
+    """GradCache-style accumulation: the losses see the whole batch, so the gradients match."""
+    one, g1 = _single(accum=1)
+    four, g4 = _single(accum=4)
+    assert four.losses == pytest.approx(one.losses, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_micro_batches_keep_products_whole():
+    image_pids = torch.tensor([5, 5, 9, 9, 2, 2])
+    text_pids = torch.tensor([5, 9, 2])
+    chunks = micro_batches(image_pids, text_pids, 2)
+    assert [(i.tolist(), t.tolist()) for i, t in chunks] == [([0, 1, 2, 3], [0, 1]), ([4, 5], [2])]
+    with pytest.raises(ValueError, match="exceeds"):
+        micro_batches(image_pids, text_pids, 4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, g1 = _single()
+    ckpt, g2 = _single(checkpointing=True)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    plain, _ = _single()
+    bf16, grads = _single(precision="bf16")
+    assert bf16.finite
+    assert bf16.losses["total"] == pytest.approx(plain.losses["total"], rel=0.05)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_compiled_forward_gives_the_same_loss():
+    plain, g1 = _single()
+    compiled, g2 = _single(compile_backend="aot_eager")  # inductor works too; slower to build
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _config(catalog, out, steps, **fields):
+    config = make_train_config("tiny", "eclip", catalog=str(catalog), out_dir=str(out), steps=steps, warmup_steps=2,
+                               products_per_batch=6, images_per_product=2, checkpoint_every=100, log_every=1, **fields)
+    config.model = micro_config()
+    return config
+
+
+def test_non_finite_loss_skips_the_step_then_stops_the_run(synth_catalog, tmp_path, monkeypatch):
+    from eclip_app import train as train_module
+
+    calls = {"n": 0}
+    original = train_module.TrainStep.__call__
+
+    def flaky(self, batch):
+        out = original(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 2:  # one bad step: skipped, counted, the run goes on
+            self.model.zero_grad()
+            out.finite = False
+        return out
+
+    monkeypatch.setattr(train_module.TrainStep, "__call__", flaky)
+    result = train(_config(synth_catalog["train"], tmp_path / "a", 4), progress=False)
+    assert result.skipped_steps == 1
+    assert [r["skipped_steps"] for r in result.history] == [0, 1, 1, 1]
+
+    def always_bad(self, batch):
+        out = original(self, batch)
+        out.finite = False
+        return out
+
+    monkeypatch.setattr(train_module.TrainStep, "__call__", always_bad)
+    with pytest.raises(train_module.NonFiniteLossError, match="3 steps in a row"):
+        train(_config(synth_catalog["train"], tmp_path / "b", 10, max_bad_steps=3), progress=False)
+
+
+def test_tensorboard_and_observability_fields(synth_catalog, tmp_path):
+    result = train(_config(synth_catalog["train"], tmp_path / "run", 3, accum_steps=2), progress=False)
+    record = result.history[-1]
+    for key in ("samples_per_s", "samples_per_s_per_device", "data_wait_fraction", "lr_group0", "loss_inter", "loss_intra"):
+        assert key in record
+    assert 0.0 <= record["data_wait_fraction"] <= 1.0
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+SIGTERM_SCRIPT = """
+import sys, json
+from eclip_app.train import make_train_config, train
+from tests.conftest import micro_config
+config = make_train_config("tiny", "eclip", catalog=sys.argv[1], out_dir=sys.argv[2], steps=100000, warmup_steps=2,
+                           products_per_batch=6, images_per_product=2, checkpoint_every=100000, log_every=1)
+config.model = micro_config()
+result = train(config, progress=False)
+print(json.dumps({"signal": result.stopped_by_signal, "steps": result.history[-1]["step"]}))
+"""
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_continues(synth_catalog, tmp_path):
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(synth_catalog["train"]), str(out)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["signal"] is True
+    checkpoints = list_checkpoints(out)
+    assert checkpoints and int(checkpoints[-1].name.split("_")[1]) == summary["steps"]
+    # the schedule is 100000 steps long; resume for a few more with stop_at
+    config = _config(synth_catalog["train"], out, 100000)
+    resumed = train(config, resume=True, progress=False, stop_at=summary["steps"] + 2)
+    assert resumed.history[-1]["step"] == summary["steps"] + 2
