@@ -120,3 +120,16 @@ def test_logit_scale_is_clamped():
 def test_own_text_index_requires_every_title():
     with pytest.raises(ValueError, match="title"):
         own_text_index(torch.tensor([0, 1, 2]), torch.tensor([0, 1]))
+
+
+def test_no_positive_anywhere_gives_zero_not_nan():
+    """K=1 batches: the intra objective has no same-product pair, and its masked diagonal is
+    -inf; the loss must be a finite zero that still back-propagates."""
+    from eclip.losses import multi_positive_infonce
+
+    logits = torch.randn(4, 4, requires_grad=True)
+    masked = logits.masked_fill(torch.eye(4, dtype=torch.bool), float("-inf"))
+    loss = multi_positive_infonce(masked, torch.zeros(4, 4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()

@@ -23,7 +23,8 @@ def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> tor
     """
     has_positive = positives.any(dim=1)
     if not has_positive.any():
-        return logits.sum() * 0.0
+        # a zero that keeps the graph; masked -inf entries must not make it 0 * inf = nan
+        return torch.where(torch.isfinite(logits), logits, 0.0).sum() * 0.0
     logits, positives = logits[has_positive], positives[has_positive]
     target = positives.to(logits.dtype)
     target = target / target.sum(dim=1, keepdim=True)

@@ -102,8 +102,10 @@ class TrainStep:
         encoding = ImageEncoding(full.global_embedding, full.instances, full.productness, None, None, (0, 0))
         return self.criterion(self.model, encoding, full.texts, gather_no_grad(image_pids), gather_no_grad(text_pids))
 
-    def __call__(self, batch: Batch) -> StepOutput:
-        ids, mask = self.model.tokenizer(batch.titles)
+    def __call__(self, batch: Batch, tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
+        """`tokens`: the titles already tokenised (the loop does it with the data, off the
+        accelerator's critical path); tokenised here when not given."""
+        ids, mask = tokens if tokens is not None else self.model.tokenizer(batch.titles)
         images = batch.images.to(self.device, non_blocking=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
         image_pids, text_pids = batch.image_pids.to(self.device), batch.text_pids.to(self.device)

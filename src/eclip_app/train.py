@@ -32,6 +32,7 @@ from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
 
 from .distributed import DistEnv, any_rank, barrier, init_distributed
+from .optim import OptimConfig, parameter_groups  # noqa: F401  (parameter_groups: re-exported)
 from .step import FeatureForward, TrainStep
 
 logger = logging.getLogger("eclip.train")
@@ -47,6 +48,8 @@ class TrainConfig:
     objective: str = "eclip"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # freezing / tower lr / layer-wise decay of pretrained towers (eclip_app.optim)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     steps: int = 1000
     products_per_batch: int = 32  # P
     images_per_product: int = 3  # K
@@ -119,19 +122,7 @@ def _flatten(data: dict, prefix: str = ""):
 # ----------------------------------------------------------------------------- optimisation
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings of position, queries and logit scales:
-    every tensor under two dimensions, plus the named exceptions."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = param.ndim < 2 or name.endswith(("queries", "pos_embed", "registers")) or "logit_scales" in name
-        (no_decay if exempt else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+# parameter_groups (weight decay, freezing, tower lr, layer decay) lives in eclip_app.optim
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -268,7 +259,7 @@ class StopSignal:
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay)
+    groups = parameter_groups(model, config.weight_decay, config.lr, config.optim)
     fused = config.fused_adamw
     if fused is None:  # auto: fused where torch has a fused kernel for the device
         fused = device.type in ("cuda", "cpu")
@@ -345,9 +336,10 @@ def train(
         while step < end:
             data_start = time.perf_counter()
             batch = make_batch(store, sampler.batch(step), config.seed, step, env)
+            tokens = model.tokenizer(batch.titles)
             data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
-            result = step_fn(batch)
+            result = step_fn(batch, tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if result.finite else torch.tensor(float("nan"))
             finite = result.finite and bool(torch.isfinite(grad_norm))
             if finite:
