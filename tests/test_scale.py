@@ -153,8 +153,8 @@ def test_non_finite_loss_skips_the_step_then_stops_the_run(synth_catalog, tmp_pa
     calls = {"n": 0}
     original = train_module.TrainStep.__call__
 
-    def flaky(self, batch):
-        out = original(self, batch)
+    def flaky(self, batch, tokens=None):
+        out = original(self, batch, tokens)
         calls["n"] += 1
         if calls["n"] == 2:  # one bad step: skipped, counted, the run goes on
             self.model.zero_grad()
@@ -166,8 +166,8 @@ def test_non_finite_loss_skips_the_step_then_stops_the_run(synth_catalog, tmp_pa
     assert result.skipped_steps == 1
     assert [r["skipped_steps"] for r in result.history] == [0, 1, 1, 1]
 
-    def always_bad(self, batch):
-        out = original(self, batch)
+    def always_bad(self, batch, tokens=None):
+        out = original(self, batch, tokens)
         out.finite = False
         return out
 
