@@ -242,16 +242,20 @@ def main() -> None:
         "eclip, K=1": lambda b: make_eclip_step(name, image_size, context, b, device, args.precision, "eclip", 1),
         "eclip, K=2": lambda b: make_eclip_step(name, image_size, context, b, device, args.precision, "eclip", 2),
     }
-    candidates = (1024, 768, 512, 384, 256, 192, 128, 64, 32) if args.batch == "auto" else (int(args.batch),)
-    steps = None
+    candidates = (512, 384, 256, 128, 64) if args.batch == "auto" else (int(args.batch),)
+    results = None
     for batch in candidates:
         steps = build_all(rows, batch, device)
         if steps is not None:
-            break
+            try:
+                results = measure(steps, batch, device, args.rounds, args.steps, peak)
+                break
+            except torch.OutOfMemoryError:  # fitted while warming up, not while measuring
+                steps = None
+                torch.cuda.empty_cache()
         print(f"batch {batch}: out of memory with every row's model resident; trying smaller", flush=True)
-    if steps is None:
+    if results is None:
         raise SystemExit("no batch size fits")
-    results = measure(steps, batch, device, args.rounds, args.steps, peak)
     del steps
     if device.type == "cuda":
         for r, mem in zip(results, peak_memory(rows, batch, device).values()):
