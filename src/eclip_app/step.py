@@ -12,6 +12,7 @@ back-propagated. Memory is that of one micro-batch; the loss is that of the full
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +112,17 @@ class TrainStep:
         image_pids, text_pids = batch.image_pids.to(self.device), batch.text_pids.to(self.device)
         if self.accum_steps == 1:
             losses = self.loss(self.features(images, ids, mask), image_pids, text_pids)
-            finite = not any_rank(not torch.isfinite(losses["total"]).item(), self.device)
+            values, finite = self._read(losses)
             if finite:
                 losses["total"].backward()
-            return StepOutput({k: v.item() for k, v in losses.items()}, finite)
+            return StepOutput(values, finite)
         return self._accumulated(images, ids, mask, image_pids, text_pids)
+
+    def _read(self, losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
+        """The losses as floats with one device sync (not one per loss), and whether the total
+        is finite on every rank."""
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        return values, not any_rank(not math.isfinite(values["total"]), self.device)
 
     def _accumulated(self, images, ids, mask, image_pids, text_pids) -> StepOutput:
         chunks = micro_batches(image_pids, text_pids, self.accum_steps)
@@ -126,9 +133,9 @@ class TrainStep:
         with torch.no_grad():  # pass 1: every micro-batch's features, no graph kept
             cached = [self.features(images[i], ids[t], mask[t]) for i, t in chunks]
             losses = self.loss(Features.cat(cached), image_pids, text_pids)
-        finite = not any_rank(not torch.isfinite(losses["total"]).item(), self.device)
+        values, finite = self._read(losses)
         if not finite:
-            return StepOutput({k: v.item() for k, v in losses.items()}, False)
+            return StepOutput(values, False)
         for j, (i, t) in enumerate(chunks):  # pass 2: one micro-batch live at a time
             live = self.features(images[i], ids[t], mask[t])
             parts = cached[:j] + [live] + cached[j + 1 :]
@@ -141,7 +148,7 @@ class TrainStep:
         for param in self.model.logit_scales.parameters():
             if param.grad is not None:
                 param.grad /= len(chunks)
-        return StepOutput({k: v.item() for k, v in losses.items()}, True)
+        return StepOutput(values, True)
 
 
 def micro_batches(image_pids: torch.Tensor, text_pids: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
