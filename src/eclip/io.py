@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
 from .model.eclip import ECLIP
+from .model.towers import pretrained_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -30,9 +31,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_model_files(model: ECLIP, folder: Path) -> None:
-    """Write config and weights into an existing folder (the caller makes it atomic)."""
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+def write_model_files(model: ECLIP, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config and weights into an existing folder (the caller makes it atomic). `state`:
+    the full weights when the model's own are sharded (FSDP)."""
+    state = model.state_dict() if state is None else state
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "eclip"})
     (folder / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2), encoding="utf-8")
 
@@ -66,8 +69,11 @@ def load_config(folder: str | Path) -> ModelConfig:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ECLIP:
-    """Rebuild the model from its config and load the weights (strictly: no silent gaps)."""
-    model = ECLIP(load_config(folder))
+    """Rebuild the model from its config and load the weights (strictly: no silent gaps). The
+    towers are built without their pretrained weights: nothing is downloaded, and every weight
+    comes from model.safetensors."""
+    with pretrained_weights(False):
+        model = ECLIP(load_config(folder))
     weights = load_file(str(Path(folder) / WEIGHTS_NAME), device=str(device))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

