@@ -35,7 +35,7 @@ from eclip.config import (
 from eclip.data import Batch
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
-from eclip_app.step import FeatureForward, TrainStep
+from eclip_app.step import TrainStep
 
 # A small open_clip config for CPU runs (registered with open_clip under this name).
 SMALL_OPEN_CLIP = {
@@ -125,7 +125,7 @@ def make_eclip_step(name: str, image_size: int, context: int, batch: int, device
     model = ECLIP(config).to(device)
     model.train()
     loss = ECLIPLoss(objective_preset(objective) if objective == "clip" else LossConfig())
-    step_fn = TrainStep(model, loss, FeatureForward(model), device, 1, precision)
+    step_fn = TrainStep(model, loss, model, device, 1, precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
     vocab = model.text.text.vocab_size
     data, tokens = synthetic_batch(batch, k, image_size, context, vocab, device)

@@ -19,7 +19,7 @@ from eclip.data import Batch
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
 from eclip_app.distributed import init_distributed, shutdown_distributed
-from eclip_app.step import FeatureForward, TrainStep, micro_batches
+from eclip_app.step import TrainStep, micro_batches
 from eclip_app.train import list_checkpoints, make_train_config, train
 
 from .conftest import micro_config
@@ -54,7 +54,7 @@ def _grads(model: ECLIP) -> dict[str, torch.Tensor]:
 def _single(accum: int = 1, precision: str = "fp32", checkpointing: bool = False, compile_backend: str | None = None):
     model = _model()
     model.set_grad_checkpointing(checkpointing)
-    forward = FeatureForward(model)
+    forward = model
     if compile_backend:
         forward = torch.compile(forward, backend=compile_backend)
     out = TrainStep(model, ECLIPLoss(LossConfig()), forward, torch.device("cpu"), accum, precision)(_global_batch())
@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, port: int, accum: int, result_path: str) -> N
     from torch.nn.parallel import DistributedDataParallel
 
     model = _model()
-    forward = DistributedDataParallel(FeatureForward(model))
+    forward = DistributedDataParallel(model)
     out = TrainStep(model, ECLIPLoss(LossConfig()), forward, env.device, accum)(_slice(_global_batch(), rank, world))
     if rank == 0:
         torch.save({"losses": out.losses, "grads": _grads(model)}, result_path)

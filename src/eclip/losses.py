@@ -61,14 +61,16 @@ class ECLIPLoss(nn.Module):
         texts: torch.Tensor,  # (T, D) titles, one per product in the batch
         image_pids: torch.Tensor,  # (B,) product id of each image (integers)
         text_pids: torch.Tensor,  # (T,)
+        scales: dict[str, torch.Tensor] | None = None,  # logit scales read in the forward pass
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
         positives = image_pids[:, None] == text_pids[None, :]  # (B, T)
-        scales = model.logit_scales
+        if scales is None:
+            scales = {name: scale() for name, scale in model.logit_scales.items()}
         losses: dict[str, torch.Tensor] = {}
 
         if cfg.global_weight:
-            logits = scales["global"]() * encoding.global_embedding @ texts.T
+            logits = scales["global"] * encoding.global_embedding @ texts.T
             losses["global"] = symmetric_infonce(logits, positives)
 
         needs_decoder = cfg.inter_weight or cfg.intra_weight or cfg.productness_weight
@@ -80,10 +82,10 @@ class ECLIPLoss(nn.Module):
             own_weights = weights[torch.arange(len(own)), own]  # (B, M) selection by own title
 
             if cfg.inter_weight:
-                losses["inter"] = symmetric_infonce(scales["inter"]() * scores, positives)
+                losses["inter"] = symmetric_infonce(scales["inter"] * scores, positives)
             if cfg.intra_weight:
                 selection = own_weights.detach() if cfg.intra_detach_selection else own_weights
-                losses["intra"] = self.intra_product(encoding.instances, selection, image_pids, scales["intra"]())
+                losses["intra"] = self.intra_product(encoding.instances, selection, image_pids, scales["intra"])
             if cfg.productness_weight:
                 target = own_weights.detach()
                 log_pred = encoding.productness.log_softmax(dim=-1)

@@ -27,43 +27,38 @@ from .distributed import any_rank, gather_no_grad, gather_with_grad
 
 @dataclass
 class Features:
-    """What the objectives read: per image (B, ...) and per title (T, D)."""
+    """What the objectives read: per image (B, ...), per title (T, D), and the logit scales
+    (read in the forward pass: under FSDP the parameters exist whole only there)."""
 
     global_embedding: torch.Tensor  # (B, D)
     instances: torch.Tensor | None  # (B, M, D)
     productness: torch.Tensor | None  # (B, M)
     texts: torch.Tensor  # (T, D)
-
-    def map(self, fn) -> Features:
-        return Features(*(None if t is None else fn(t) for t in self.astuple()))
-
-    def astuple(self) -> tuple:
-        return (self.global_embedding, self.instances, self.productness, self.texts)
+    scales: dict[str, torch.Tensor]
 
     @staticmethod
-    def cat(parts: list[Features]) -> Features:
-        columns = list(zip(*(p.astuple() for p in parts)))
-        return Features(*(None if c[0] is None else torch.cat(c, dim=0) for c in columns))
+    def from_forward(out: dict) -> Features:
+        scales = {k.removeprefix("scale_"): v.float() for k, v in out.items() if k.startswith("scale_")}
+        rows = [None if out[k] is None else out[k].float() for k in ("global_embedding", "instances", "productness", "texts")]
+        return Features(*rows, scales=scales)  # the objectives run in float32
 
+    def rows(self) -> tuple:
+        return (self.global_embedding, self.instances, self.productness, self.texts)
 
-class FeatureForward(nn.Module):
-    """The model's forward as the objectives need it, as one module call, so that DDP (which
-    hooks `forward`) and `torch.compile` can wrap it."""
+    def gathered(self) -> Features:
+        return Features(*(None if t is None else gather_with_grad(t) for t in self.rows()), scales=self.scales)
 
-    def __init__(self, model: ECLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor):
-        encoding = self.model.encode_image(images)
-        texts = self.model.encode_text((token_ids, mask))
-        return encoding.global_embedding, encoding.instances, encoding.productness, texts
+    @staticmethod
+    def cat(parts: list[Features], scales: dict[str, torch.Tensor]) -> Features:
+        columns = list(zip(*(p.rows() for p in parts)))
+        return Features(*(None if c[0] is None else torch.cat(c, dim=0) for c in columns), scales=scales)
 
 
 @dataclass
 class StepOutput:
     losses: dict[str, float]
     finite: bool  # False: the loss was NaN or inf on some rank and no gradient was kept
+    scales: dict[str, float]  # the logit scales this step used
 
 
 class TrainStep:
@@ -74,7 +69,7 @@ class TrainStep:
         self,
         model: ECLIP,
         criterion: ECLIPLoss,
-        forward: nn.Module,  # FeatureForward, possibly wrapped by DDP or torch.compile
+        forward: nn.Module,  # the model, or the model wrapped by DDP / torch.compile
         device: torch.device,
         accum_steps: int = 1,
         precision: str = "fp32",
@@ -93,15 +88,13 @@ class TrainStep:
 
     def features(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
         with self.autocast():
-            out = self.forward(images, ids, mask)
-        # the objectives run in float32 whatever the towers ran in
-        return Features(*out).map(lambda t: t.float())
+            return Features.from_forward(self.forward(images, ids, mask))
 
     def loss(self, local: Features, image_pids: torch.Tensor, text_pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses over the global batch: gather every rank's features (with gradients)."""
-        full = local.map(gather_with_grad)
+        full = local.gathered()
         encoding = ImageEncoding(full.global_embedding, full.instances, full.productness, None, None, (0, 0))
-        return self.criterion(self.model, encoding, full.texts, gather_no_grad(image_pids), gather_no_grad(text_pids))
+        return self.criterion(self.model, encoding, full.texts, gather_no_grad(image_pids), gather_no_grad(text_pids), full.scales)
 
     def __call__(self, batch: Batch, tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         """`tokens`: the titles already tokenised (the loop does it with the data, off the
@@ -111,18 +104,26 @@ class TrainStep:
         ids, mask = ids.to(self.device), mask.to(self.device)
         image_pids, text_pids = batch.image_pids.to(self.device), batch.text_pids.to(self.device)
         if self.accum_steps == 1:
-            losses = self.loss(self.features(images, ids, mask), image_pids, text_pids)
-            values, finite = self._read(losses)
-            if finite:
+            features = self.features(images, ids, mask)
+            losses = self.loss(features, image_pids, text_pids)
+            out = self._read(losses, features.scales)
+            if out.finite:
                 losses["total"].backward()
-            return StepOutput(values, finite)
+            return out
         return self._accumulated(images, ids, mask, image_pids, text_pids)
 
-    def _read(self, losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
-        """The losses as floats with one device sync (not one per loss), and whether the total
-        is finite on every rank."""
-        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
-        return values, not any_rank(not math.isfinite(values["total"]), self.device)
+    def _read(self, losses: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> StepOutput:
+        """Losses and scales as floats with one device sync (not one per value), and whether
+        the total is finite on every rank."""
+        names = [*losses, *(f"scale_{k}" for k in scales)]
+        tensors = [*losses.values(), *scales.values()]
+        values = dict(zip(names, torch.stack([v.detach().float().reshape(()) for v in tensors]).tolist()))
+        finite = not any_rank(not math.isfinite(values["total"]), self.device)
+        return StepOutput(
+            {k: v for k, v in values.items() if not k.startswith("scale_")},
+            finite,
+            {k.removeprefix("scale_"): v for k, v in values.items() if k.startswith("scale_")},
+        )
 
     def _accumulated(self, images, ids, mask, image_pids, text_pids) -> StepOutput:
         chunks = micro_batches(image_pids, text_pids, self.accum_steps)
@@ -132,23 +133,23 @@ class TrainStep:
         text_pids = torch.cat([text_pids[t] for _, t in chunks])
         with torch.no_grad():  # pass 1: every micro-batch's features, no graph kept
             cached = [self.features(images[i], ids[t], mask[t]) for i, t in chunks]
-            losses = self.loss(Features.cat(cached), image_pids, text_pids)
-        values, finite = self._read(losses)
-        if not finite:
-            return StepOutput(values, False)
+            losses = self.loss(Features.cat(cached, cached[0].scales), image_pids, text_pids)
+        out = self._read(losses, cached[0].scales)
+        if not out.finite:
+            return out
         for j, (i, t) in enumerate(chunks):  # pass 2: one micro-batch live at a time
             live = self.features(images[i], ids[t], mask[t])
             parts = cached[:j] + [live] + cached[j + 1 :]
             sync = j == len(chunks) - 1
             no_sync = getattr(self.forward, "no_sync", None)
             with contextlib.nullcontext() if sync or no_sync is None else no_sync():
-                self.loss(Features.cat(parts), image_pids, text_pids)["total"].backward()
+                self.loss(Features.cat(parts, live.scales), image_pids, text_pids)["total"].backward()
         # a logit scale enters every pass's loss directly, not through a micro-batch's
         # features: it collected its gradient once per pass
         for param in self.model.logit_scales.parameters():
             if param.grad is not None:
                 param.grad /= len(chunks)
-        return StepOutput(values, True)
+        return out
 
 
 def micro_batches(image_pids: torch.Tensor, text_pids: torch.Tensor, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

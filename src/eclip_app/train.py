@@ -30,10 +30,11 @@ from eclip.data import Batch, ImageStore, PKSampler, collate, load_catalog
 from eclip.io import atomic_write_text, replace_folder, save_model, write_model_files
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
+from eclip.model.towers import pretrained_weights
 
 from .distributed import DistEnv, any_rank, barrier, init_distributed
-from .optim import OptimConfig, parameter_groups  # noqa: F401  (parameter_groups: re-exported)
-from .step import FeatureForward, TrainStep
+from .optim import OptimConfig, apply_freezing, parameter_groups
+from .step import TrainStep
 
 logger = logging.getLogger("eclip.train")
 
@@ -72,6 +73,7 @@ class TrainConfig:
     fused_adamw: bool | None = None  # None: fused where torch has the kernel
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, for towers too big for one device
 
 
 def make_train_config(model_preset_name: str = "tiny", objective: str = "eclip", **fields) -> TrainConfig:
@@ -150,18 +152,31 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, keep: int) -> Path:
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimiser state, optimiser keyed by parameter name: the same
+    checkpoint resumes on one process, under DDP or under FSDP, on any number of ranks. A
+    collective under FSDP (every rank calls it; rank 0 receives the tensors, on the CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, keep: int, write: bool = True) -> Path:
     """Weights (safetensors), optimiser, scheduler and sampler state; written to a temporary
-    folder and renamed, so a kill mid-write leaves the previous checkpoint intact."""
+    folder and renamed, so a kill mid-write leaves the previous checkpoint intact. Every rank
+    calls it (gathering sharded state is collective); only the one with `write` writes."""
+    model_state, optimizer_state = full_state(model, optimizer)
     folder = checkpoint_dir(out_dir)
+    target = folder / f"step_{step:08d}"
+    if not write:
+        return target
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp_step_"))
-    write_model_files(model, tmp)
+    write_model_files(model, tmp, model_state)
     torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
+        {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
         tmp / STATE_NAME,
     )
-    target = folder / f"step_{step:08d}"
     replace_folder(tmp, target)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -170,13 +185,45 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, ke
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, sampler) -> int:
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
     state = torch.load(path / STATE_NAME, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=load_file(str(path / "model.safetensors")),
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True, strict=True),
+    )
     scheduler.load_state_dict(state["scheduler"])
     sampler.load_state_dict(state["sampler"])
     return int(state["step"])
+
+
+def unsharded(model: ECLIP, optimizer, config: ModelConfig, env: DistEnv) -> ECLIP:
+    """A plain copy of an FSDP-sharded model on rank 0 (for saving and evaluation); the other
+    ranks keep their shard. Collective."""
+    state, _ = full_state(model, optimizer)
+    if not env.is_main:
+        return model
+    with pretrained_weights(False):  # every weight comes from `state`
+        plain = ECLIP(config)
+    plain.load_state_dict(state)
+    return plain
+
+
+def shard_model(model: ECLIP) -> None:
+    """FSDP2: every block of every stack (the elements of each `nn.ModuleList`: tower blocks,
+    decoder layers) is its own unit, gathered for its forward and backward only; the rest
+    (embeddings, heads, queries, logit scales) forms the root unit. In place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -286,6 +333,7 @@ def train(
     if env.is_main:
         logger.info(report.summary())
     model = ECLIP(config.model)
+    apply_freezing(model, config.optim)  # before DDP / FSDP wrap the model: they take the trainable set
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(env.device)
@@ -293,11 +341,12 @@ def train(
     if store is None or store.image_size != model.image_size:
         store = ImageStore(products, model.image_size)
     sampler = PKSampler([len(p.images) for p in products], config.products_per_batch, config.images_per_product, config.seed)
-    optimizer = build_optimizer(model, config, env.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
-
-    forward: torch.nn.Module = FeatureForward(model)
-    if env.distributed:
+    forward: torch.nn.Module = model
+    if config.fsdp:
+        if not env.distributed:
+            raise ValueError("fsdp=true needs several processes (launch with torchrun)")
+        shard_model(model)
+    elif env.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         # an objective switched off leaves its logit scale without a gradient
@@ -305,10 +354,12 @@ def train(
             (config.loss.inter_weight, config.loss.intra_weight, config.loss.productness_weight)
         )
         forward = DistributedDataParallel(
-            forward, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=unused
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=unused
         )
     if config.compile:
         forward = torch.compile(forward, backend=config.compile_backend)
+    optimizer = build_optimizer(model, config, env.device)  # after sharding: FSDP's parameters
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
     step_fn = TrainStep(model, criterion, forward, env.device, config.accum_steps, config.precision)
 
     start = 0
@@ -341,7 +392,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             result = step_fn(batch, tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if result.finite else torch.tensor(float("nan"))
-            finite = result.finite and bool(torch.isfinite(grad_norm))
+            grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+            finite = result.finite and math.isfinite(grad_norm_value)
             if finite:
                 optimizer.step()
                 bad_in_a_row = 0
@@ -366,25 +418,25 @@ def train(
                     **{f"loss_{k}": round(v, 5) for k, v in result.losses.items()},
                     "lr": scheduler.get_last_lr()[0],
                     **{f"lr_group{i}": lr for i, lr in enumerate(scheduler.get_last_lr())},
-                    "grad_norm": round(float(grad_norm), 4),
+                    "grad_norm": round(grad_norm_value, 4),
                     **window.read(env.world_size),
                     "skipped_steps": skipped,
-                    **{f"logit_scale_{k}": round(s().item(), 3) for k, s in model.logit_scales.items()},
+                    **{f"logit_scale_{k}": round(v, 3) for k, v in result.scales.items()},
                 }
                 logs.write(record)
                 bar.set_postfix(loss=f"{record['loss_total']:.3f}", sps=f"{record['samples_per_s']:.0f}")
             if step % config.checkpoint_every == 0 or step == end or stopping:
-                if env.is_main:
-                    save_checkpoint(out, model, optimizer, scheduler, sampler, step, config.keep_checkpoints)
+                save_checkpoint(out, model, optimizer, scheduler, sampler, step, config.keep_checkpoints, write=env.is_main)
                 barrier()
             if stopping:
                 break
     bar.close()
-    model.eval()
+    final = unsharded(model, optimizer, config.model, env) if config.fsdp else model
+    final.eval()
     if env.is_main and step == config.steps:
-        save_model(model, out / "model")
+        save_model(final, out / "model")
     barrier()
-    return TrainResult(model=model, history=logs.history, out_dir=out, seconds=time.time() - begin,
+    return TrainResult(model=final, history=logs.history, out_dir=out, seconds=time.time() - begin,
                        stopped_by_signal=stop.received is not None, skipped_steps=skipped)
 
 
