@@ -56,15 +56,33 @@ class ImageStore:
             self.get(p, i)
 
 
-def collate(store: ImageStore, slots: list[Slot], generator: torch.Generator) -> Batch:
-    images = []
-    for slot in slots:
-        image = store.get(slot.product, slot.image)
-        images.append(augment_view(image, generator) if slot.augment else image)
-    product_order = list(dict.fromkeys(slot.product for slot in slots))
+def build_batch(
+    images: list[torch.Tensor],
+    augment: list[bool],
+    image_pids: list[int],
+    titles: list[str],
+    text_pids: list[int],
+    generator: torch.Generator,
+) -> Batch:
+    """The one place a Batch is made, for the map-style path (collate) and the shard stream
+    (shards.py): uint8 (3, S, S) images, the repeats replaced by augmented views drawn in slot
+    order from `generator`, then normalised."""
+    views = [augment_view(image, generator) if repeat else image for image, repeat in zip(images, augment)]
     return Batch(
-        images=normalize(torch.stack(images)),
-        image_pids=torch.tensor([slot.product for slot in slots]),
-        titles=[store.products[p].title for p in product_order],
-        text_pids=torch.tensor(product_order),
+        images=normalize(torch.stack(views)),
+        image_pids=torch.tensor(image_pids, dtype=torch.long),
+        titles=list(titles),
+        text_pids=torch.tensor(text_pids, dtype=torch.long),
+    )
+
+
+def collate(store: ImageStore, slots: list[Slot], generator: torch.Generator) -> Batch:
+    product_order = list(dict.fromkeys(slot.product for slot in slots))
+    return build_batch(
+        [store.get(slot.product, slot.image) for slot in slots],
+        [slot.augment for slot in slots],
+        [slot.product for slot in slots],
+        [store.products[p].title for p in product_order],
+        product_order,
+        generator,
     )

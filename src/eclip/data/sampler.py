@@ -20,6 +20,17 @@ class Slot:
     augment: bool  # a repeated image: draw an augmented view
 
 
+def choose_images(n: int, k: int, rng: np.random.Generator) -> list[tuple[int, bool]]:
+    """K (image index, augment) pairs for a product with n images: K distinct images where it
+    has them, else all of them then repeats marked for augmentation. Shared with the streaming
+    reader (shards.py) so both paths pick images the same way."""
+    if n >= k:
+        return [(i, False) for i in rng.choice(n, size=k, replace=False).tolist()]
+    chosen = rng.permutation(n).tolist()
+    repeats = rng.integers(0, n, size=k - n).tolist()
+    return [(i, False) for i in chosen] + [(i, True) for i in repeats]
+
+
 class PKSampler:
     def __init__(self, images_per_product: list[int], products_per_batch: int, images_per_product_in_batch: int, seed: int = 0):
         if products_per_batch < 1 or images_per_product_in_batch < 1:
@@ -41,15 +52,7 @@ class PKSampler:
         rng = np.random.default_rng([self.seed, epoch, index, 1])
         slots = []
         for product in products.tolist():
-            n = self.counts[product]
-            if n >= self.k:
-                chosen = rng.choice(n, size=self.k, replace=False).tolist()
-                slots += [Slot(product, i, False) for i in chosen]
-            else:
-                chosen = rng.permutation(n).tolist()
-                repeats = rng.integers(0, n, size=self.k - n).tolist()
-                slots += [Slot(product, i, False) for i in chosen]
-                slots += [Slot(product, i, True) for i in repeats]
+            slots += [Slot(product, i, augment) for i, augment in choose_images(self.counts[product], self.k, rng)]
         return slots
 
     def __iter__(self):
