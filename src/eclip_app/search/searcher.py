@@ -1,0 +1,141 @@
+"""A model plus a product index: search by text, by image, or by both; ground the query in a
+result photo.
+
+Queries are embedded into the space the index was built from (`index.info["field"]`, the
+product embedding by default): text with the text tower, an image with `product_embedding`
+(or the global embedding for a `--field global` index), preprocessed exactly as in training
+(`to_uint8_tensor` at `model.image_size`, then `normalize`).
+
+Image + text: the query photo may show several products, and the text says which one and what
+should differ. With an instance decoder the image side is the *text-guided* instance (ECLIP's
+selection: the decoder query that matches the text, as in training), not the productness-
+weighted average; the query vector is then normalise(image_vec + text_vec). Both are unit
+vectors in the same space, so its inner product with a product vector is proportional to the
+mean of the two cosines: each modality weighs the same (`text_weight` changes that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from eclip.data.transforms import normalize, to_uint8_tensor
+from eclip.io import load_model
+from eclip.model.eclip import ECLIP
+
+from .index import Hit, IndexFolderError, ProductIndex
+
+
+@dataclass
+class SearchRow:
+    rank: int  # 1-based
+    product_id: str
+    score: float
+    title: str | None
+    image_path: str | None  # the product's photo that matched best (else its first photo)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GroundResult:
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width and height
+    box_pixels: tuple[int, int, int, int]  # the same box in pixels of the image given
+    heatmap: np.ndarray  # (S, S) in [0, 1] at the model's input resolution
+    query_index: int | None  # the decoder query selected by the text; None for the baseline
+
+    def to_dict(self, heatmap: bool = False) -> dict:
+        out = {"box": list(self.box), "box_pixels": list(self.box_pixels), "query_index": self.query_index}
+        if heatmap:
+            out["heatmap"] = self.heatmap.tolist()
+        return out
+
+
+class Searcher:
+    def __init__(self, model: ECLIP, index: ProductIndex, device: str | torch.device = "cpu"):
+        if index.dim != model.config.embed_dim:
+            raise IndexFolderError(
+                f"the index holds {index.dim}-d vectors but the model embeds into {model.config.embed_dim}-d: "
+                "was the index built from another model's embeddings?")
+        self.model = model.eval()
+        self.index = index
+        self.device = torch.device(device)
+        self.field = index.info.get("field", "product")
+
+    @classmethod
+    def load(cls, model_folder: str | Path, index_folder: str | Path, device: str = "cpu") -> Searcher:
+        index = ProductIndex.load(index_folder)  # first: its errors are cheaper than a model load
+        return cls(load_model(model_folder, device=device), index, device)
+
+    # ------------------------------------------------------------------ query vectors
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        size = self.model.image_size
+        batch = torch.stack([to_uint8_tensor(im.convert("RGB"), size) for im in images])
+        return normalize(batch).to(self.device)
+
+    @torch.inference_mode()
+    def embed_text(self, text: str) -> np.ndarray:
+        return self.model.encode_text([text])[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        encoding = self.model.encode_image(self._pixels([image]))
+        vec = encoding.global_embedding if self.field == "global" else self.model.product_embedding_from(encoding)
+        return vec[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_image_text(self, image: Image.Image, text: str, text_weight: float = 0.5) -> np.ndarray:
+        """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
+        encoding = self.model.encode_image(self._pixels([image]))
+        text_vec = self.model.encode_text([text])  # (1, D)
+        if self.field == "product" and encoding.instances is not None:
+            _, weights = self.model.select(encoding, text_vec)  # (1, 1, M)
+            image_vec = F.normalize(torch.einsum("btm,bmd->btd", weights, encoding.instances)[:, 0], dim=-1)
+        elif self.field == "global":
+            image_vec = encoding.global_embedding
+        else:
+            image_vec = self.model.product_embedding_from(encoding)
+        query = F.normalize((1 - text_weight) * image_vec + text_weight * text_vec, dim=-1)
+        return query[0].float().cpu().numpy()
+
+    # ------------------------------------------------------------------ search
+
+    def search_vector(self, vector: np.ndarray, k: int = 10) -> list[SearchRow]:
+        hits = self.index.search_hits(vector[None, :], k)[0]
+        return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
+
+    def _row(self, rank: int, hit: Hit) -> SearchRow:
+        meta = self.index.metadata(hit.product_id)
+        path = hit.image_path or next(iter(meta.get("image_paths") or []), None)
+        return SearchRow(rank, hit.product_id, hit.score, meta.get("title"), path)
+
+    def search_text(self, text: str, k: int = 10) -> list[SearchRow]:
+        if not text or not text.strip():
+            raise ValueError("empty query text")
+        return self.search_vector(self.embed_text(text), k)
+
+    def search_image(self, image: Image.Image, k: int = 10) -> list[SearchRow]:
+        return self.search_vector(self.embed_image(image), k)
+
+    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5) -> list[SearchRow]:
+        if not text or not text.strip():
+            raise ValueError("empty query text")
+        return self.search_vector(self.embed_image_text(image, text, text_weight), k)
+
+    # ------------------------------------------------------------------ grounding
+
+    def ground(self, image: Image.Image, text: str) -> GroundResult:
+        """Where in `image` is the product that `text` describes (model.ground)."""
+        grounding = self.model.ground(self._pixels([image]), [text])
+        box = tuple(float(v) for v in grounding.boxes[0])
+        w, h = image.size
+        pixels = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+        index = None if grounding.query_index is None else int(grounding.query_index[0])
+        return GroundResult(box, pixels, grounding.heatmaps[0].float().cpu().numpy(), index)  # type: ignore[arg-type]

@@ -1,0 +1,143 @@
+"""ONNX export (eclip export --onnx): parity with PyTorch, the tokenizer config, and the
+service running on the ONNX encoder."""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("faiss")
+
+from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor  # noqa: E402
+from eclip.io import save_model  # noqa: E402
+from eclip.model.eclip import ECLIP  # noqa: E402
+from eclip_app.cli import main  # noqa: E402
+from eclip_app.search.export import OnnxEncoder, export_onnx, tokenize_numpy  # noqa: E402
+from eclip_app.search.searcher import Searcher  # noqa: E402
+from eclip_app.search.serve import SearchService, create_app  # noqa: E402
+
+from .conftest import micro_config  # noqa: E402
+from .search_helpers import build_index, make_catalog  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    return ECLIP(micro_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    report = export_onnx(model, folder)
+    return folder, report
+
+
+def test_export_writes_files_and_passes_its_check(exported):
+    folder, report = exported
+    for name in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "manifest.json", "config.json"):
+        assert (folder / name).is_file(), name
+    assert report.ok, report.max_abs_diff
+    assert set(report.max_abs_diff) == {"image.global_embedding", "image.product_embedding", "image.instances",
+                                        "image.productness", "image.attention", "text.embedding"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["max_abs_diff"] == report.max_abs_diff and manifest["image_size"] == 32
+
+
+@pytest.fixture(scope="module")
+def encoder(exported):
+    return OnnxEncoder.load(exported[0])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_onnx_matches_pytorch(model, encoder, batch):
+    images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+    texts = ["red striped shirt", "a", "blue denim jeans with pockets", "x y z", "bag", "tee", "shoe"][:batch]
+    with torch.inference_mode():
+        ref = model.encode_image(images)
+        got = encoder.encode_image(images)
+        for name in ("global_embedding", "instances", "productness", "attention"):
+            diff = (getattr(ref, name) - getattr(got, name)).abs().max().item()
+            assert diff < TOL, (name, diff)
+        assert (model.product_embedding(images) - encoder.product_embedding(images)).abs().max() < TOL
+        assert (model.encode_text(texts) - encoder.encode_text(texts)).abs().max() < TOL
+        g_ref, g_onnx = model.ground(images, texts), encoder.ground(images, texts)
+    assert (g_ref.heatmaps - g_onnx.heatmaps).abs().max() < 1e-3
+    assert torch.equal(g_ref.query_index, g_onnx.query_index)
+
+
+def test_baseline_without_decoder_exports_too(tmp_path):
+    torch.manual_seed(2)
+    clip = ECLIP(micro_config(decoder=False)).eval()
+    report = export_onnx(clip, tmp_path)
+    assert report.ok and "image.token_embeddings" in report.max_abs_diff
+    encoder = OnnxEncoder.load(tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        a, b = clip.ground(images, ["red", "blue"]), encoder.ground(images, ["red", "blue"])
+    assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3
+
+
+def test_tokenizer_json_is_enough_to_tokenise(model, exported):
+    """The json describes the tokenizer fully: a re-implementation from it alone (no torch, no
+    eclip) gives the ids the model was exported with."""
+    config = json.loads((exported[0] / "tokenizer.json").read_text())
+    pattern = re.compile(config["word_pattern"])
+
+    def encode(text: str) -> list[int]:
+        words = pattern.findall(text.lower() if config["lowercase"] else text)[: config["context_length"] - 2]
+        span = config["vocab_size"] - config["num_special"]
+        ids = [config["cls_id"], *(config["num_special"] + zlib.crc32(w.encode()) % span for w in words), config["eos_id"]]
+        return ids + [config["pad_id"]] * (config["context_length"] - len(ids))
+
+    texts = ["Red Striped T-Shirt, size M", "", "ünïcode wörds 42", " ".join(["word"] * 40)]
+    expected, mask = model.tokenizer(texts)
+    assert np.array_equal(np.array([encode(t) for t in texts]), expected.numpy())
+    ids, np_mask = tokenize_numpy(model.tokenizer, texts)
+    assert np.array_equal(ids, expected.numpy()) and np.array_equal(np_mask, mask.numpy())
+
+
+def test_cli_export(model, tmp_path, capsys):
+    save_model(model, tmp_path / "model")
+    assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "onnx"), "--onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "text.embedding" in out and "max |onnx - torch|" in out
+    assert main(["export", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_service_on_the_onnx_encoder(model, encoder, tmp_path):
+    from fastapi.testclient import TestClient
+
+    rows = make_catalog(tmp_path / "images")
+    index = build_index(model, rows)
+    torch_client = TestClient(create_app(Searcher(model, index)))
+    onnx_client = TestClient(create_app(SearchService(Searcher(encoder, index))))
+    assert onnx_client.get("/health").json()["encoder"] == "onnx"
+    for payload in ({"text": "red shirt", "k": 5}, {"text": "green bag", "k": 18}):
+        a = torch_client.post("/search", json=payload).json()["results"]
+        b = onnx_client.post("/search", json=payload).json()["results"]
+        assert [r["product_id"] for r in a] == [r["product_id"] for r in b]
+        assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=TOL)
+    image = Path(rows[0]["image_path"]).read_bytes()
+    for path in ("/search", "/ground"):
+        fields = {"text": "red shirt", "ground": "1"} if path == "/search" else {"text": "red shirt"}
+        r = onnx_client.post(path, files={"image": ("q.png", image, "image/png")}, data=fields)
+        assert r.status_code == 200, r.text
+    r = onnx_client.post("/classify", files={"image": ("q.png", image, "image/png")}, data={"labels": "shirt,bag,shoe"})
+    assert r.status_code == 200 and len(r.json()["labels"]) == 3
+    r = onnx_client.post("/embed", json={"text": ["red shirt"]})
+    with torch.inference_mode():
+        expected = model.encode_text(["red shirt"]).numpy()
+    assert np.abs(np.array(r.json()["text_embeddings"]) - expected).max() < TOL
+    # the index was built with PyTorch; the ONNX image vectors land on the same rows
+    query = normalize(to_uint8_tensor(load_rgb(rows[0]["image_path"]), 32)[None])
+    assert (encoder.product_embedding(query) - model.product_embedding(query)).abs().max() < TOL
