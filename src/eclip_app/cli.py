@@ -69,6 +69,109 @@ def _validate(args) -> int:
     return 0
 
 
+def _from_csv(args) -> int:
+    from eclip.data import CatalogError
+    from eclip.data.csv_import import csv_to_catalog
+
+    columns = [c.strip() for c in args.attribute_columns.split(",") if c.strip()] if args.attribute_columns else []
+    try:
+        report = csv_to_catalog(
+            args.csv, args.out, id_column=args.id_column, title_column=args.title_column,
+            image_template=args.image_template, image_root=args.image_root, category_column=args.category_column,
+            attribute_columns=columns, limit=args.limit, delimiter=args.delimiter, relative_paths=args.relative_paths,
+        )
+    except CatalogError as error:
+        print(f"eclip catalog from-csv: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0 if report.products else 1
+
+
+def _compose(args) -> int:
+    from eclip.data import CatalogError, load_catalog
+    from eclip.data.compose import ComposeConfig, compose_catalog
+
+    try:
+        products, _ = load_catalog(args.catalog)
+    except CatalogError as error:
+        print(f"eclip compose: {error}", file=sys.stderr)
+        return 1
+    if args.limit is not None:
+        products = products[: args.limit]
+    config = ComposeConfig(scenes_per_product=args.scenes_per_product, size=args.size, seed=args.seed, keep_clean=args.keep_clean)
+    result = compose_catalog(products, args.out, config, progress=not args.no_progress)
+    print(f"{result.scenes} scenes of {result.products} products in {result.seconds:.1f} s ({result.scenes_per_second:.0f} scenes/s): {result.catalog}")
+    if result.unreadable:
+        print(f"{result.unreadable} products skipped: their photo does not decode", file=sys.stderr)
+    return 0
+
+
+def _eval_scenes(args) -> int:
+    from eclip.data import load_catalog
+    from eclip.io import load_model
+    from eclip.scene_eval import evaluate_scenes
+
+    model = load_model(args.model)
+    scenes, _ = load_catalog(args.scenes)
+    catalog, _ = load_catalog(args.catalog)
+    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _shard(args) -> int:
+    from eclip.data import CatalogError
+    from eclip.data.shards import write_shards
+
+    try:
+        report = write_shards(
+            args.catalog, args.out, max_count=args.max_count, max_size_mb=args.max_size_mb,
+            image_size=args.image_size, jpeg_quality=args.quality, seed=args.seed, progress=not args.no_progress,
+        )
+    except (CatalogError, ValueError) as error:
+        print(f"eclip shard: {error}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from .search.serve import SearchService, ServeSettings, serve
+
+    if args.model is None and args.onnx is None:
+        print("eclip serve: give --model (PyTorch) or --onnx (an `eclip export --onnx` folder)", file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get("ECLIP_API_KEY") or None
+    service = SearchService.load(args.model, args.index, onnx_folder=args.onnx, image_roots=args.image_root or None,
+                                 threads=args.threads)
+    settings = ServeSettings(api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                             max_pixels=args.max_pixels, max_k=args.max_k)
+    auth = "API key required" if api_key else "no API key"
+    print(f"serving {len(service.index)} products on http://{args.host}:{args.port} ({service.backend} encoder, {auth})")
+    serve(service, settings, host=args.host, port=args.port)
+    return 0
+
+
+def _export(args) -> int:
+    from eclip.io import load_model
+
+    from .search.export import export_onnx
+
+    if not args.onnx:
+        print("eclip export: choose a format (--onnx)", file=sys.stderr)
+        return 2
+    report = export_onnx(load_model(args.model), args.out, tolerance=args.tolerance)
+    for name, diff in report.max_abs_diff.items():
+        print(f"{name:28s} max |onnx - torch| = {diff:.2e}")
+    if not report.ok:
+        print(f"eclip export: ONNX differs from PyTorch by more than {args.tolerance:g}", file=sys.stderr)
+        return 1
+    print(f"exported to {report.folder} (image_encoder.onnx, text_encoder.onnx, tokenizer.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eclip", description="Instance-level multi-modal pretraining for e-commerce (ECLIP).")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
@@ -113,6 +216,74 @@ def build_parser() -> argparse.ArgumentParser:
     va = cat_sub.add_parser("validate", help="check a catalog and report every bad line")
     va.add_argument("catalog")
     va.set_defaults(func=_validate)
+    fc = cat_sub.add_parser("from-csv", help="convert a product table (CSV) to a catalog; bad rows are reported, skipped and counted")
+    fc.add_argument("csv", help="CSV file with a header row")
+    fc.add_argument("--out", required=True, help="catalog to write (JSON Lines)")
+    fc.add_argument("--id-column", default="id")
+    fc.add_argument("--title-column", default="productDisplayName")
+    fc.add_argument("--image-template", default="images/{id}.jpg", help="image path from the row's columns; relative to --image-root")
+    fc.add_argument("--image-root", default=None, help="folder of relative image paths (default: the CSV's folder)")
+    fc.add_argument("--category-column", default=None)
+    fc.add_argument("--attribute-columns", default=None, help="comma-separated columns kept as attributes, e.g. baseColour,gender,usage")
+    fc.add_argument("--limit", type=int, default=None, help="read at most N data rows")
+    fc.add_argument("--delimiter", default=",")
+    fc.add_argument("--relative-paths", action="store_true", help="write image paths relative to the catalog's folder (default: absolute)")
+    fc.set_defaults(func=_from_csv)
+
+    co = sub.add_parser("compose", help="cluttered multi-product scenes with true boxes from a catalog of clean product photos")
+    co.add_argument("--catalog", required=True, help="catalog of clean photos on a white background (first image of each product)")
+    co.add_argument("--out", required=True, help="folder: images/, catalog.jsonl (K scenes per product, boxes), compose.json")
+    co.add_argument("--scenes-per-product", type=int, default=3)
+    co.add_argument("--size", type=int, default=224, help="scene side in pixels")
+    co.add_argument("--seed", type=int, default=0)
+    co.add_argument("--keep-clean", action="store_true", help="also list each product's clean photo (for training; not for scene evaluation)")
+    co.add_argument("--limit", type=int, default=None, help="the first N products only")
+    co.add_argument("--no-progress", action="store_true")
+    co.set_defaults(func=_compose)
+
+    es = sub.add_parser("eval-scenes", help="scene-to-catalog retrieval (mAP@10, R@1, R@10) and grounding in composed scenes")
+    es.add_argument("--model", required=True, help="model folder")
+    es.add_argument("--scenes", required=True, help="scene catalog (eclip compose's catalog.jsonl)")
+    es.add_argument("--catalog", required=True, help="clean catalog of the same products (the gallery)")
+    es.add_argument("--batch-size", type=int, default=128)
+    es.add_argument("--no-progress", action="store_true")
+    es.set_defaults(func=_eval_scenes)
+
+    sh = sub.add_parser("shard", help="write a catalog as product-grouped WebDataset shards (+ shards.json) for streaming")
+    sh.add_argument("--catalog", required=True, help="catalog (JSON Lines)")
+    sh.add_argument("--out", required=True, help="shard folder: shard-000000.tar, ... and shards.json")
+    sh.add_argument("--max-count", type=int, default=None, help="products per shard at most")
+    sh.add_argument("--max-size-mb", type=float, default=None, help="shard file size at most, in MB of 10^6 bytes (default 256 when no --max-count)")
+    sh.add_argument("--image-size", type=int, default=None, help="resize images to SxS and re-encode as JPEG (default: copy the files as they are)")
+    sh.add_argument("--quality", type=int, default=90, help="JPEG quality with --image-size")
+    sh.add_argument("--seed", type=int, default=0, help="seed of the product order (shuffled across shards)")
+    sh.add_argument("--no-progress", action="store_true")
+    sh.set_defaults(func=_shard)
+
+    se = sub.add_parser("serve", help="HTTP search service and web page over a model and a product index")
+    se.add_argument("--model", help="model folder (PyTorch); or give --onnx")
+    se.add_argument("--onnx", help="an `eclip export --onnx` folder: encode with onnxruntime instead of PyTorch")
+    se.add_argument("--index", required=True, help="product index folder (eclip index)")
+    se.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--api-key", default=None, help="require this key (X-API-Key or Authorization: Bearer); prefer the ECLIP_API_KEY variable, a flag shows in `ps`")
+    se.add_argument("--max-upload-mb", type=float, default=8.0, help="largest request body")
+    se.add_argument("--max-pixels", type=int, default=16_000_000, help="largest uploaded image, width x height")
+    se.add_argument("--max-k", type=int, default=100, help="most results per query")
+    se.add_argument("--image-root", action="append", default=[], help="folder /image may serve from (default: the folders of the index's images)")
+    se.add_argument("--threads", type=int, default=1, help="intra-op threads per request (requests run in parallel)")
+    se.set_defaults(func=_serve)
+
+    ex = sub.add_parser("export", help="export the image and text encoders (ONNX), checked against PyTorch")
+    ex.add_argument("--model", required=True, help="model folder")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--onnx", action="store_true", help="ONNX (the only format so far)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| on random inputs")
+    ex.set_defaults(func=_export)
+
+    from .search.commands import add_search_commands  # embed, index, search (imports are lazy)
+
+    add_search_commands(sub)
     return parser
 
 
