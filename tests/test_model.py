@@ -123,6 +123,22 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_models_saved_with_scalar_logit_scales_still_load(tmp_path):
+    """Logit scales are (1,) now (FSDP2 shards along dim 0); models saved as () still load."""
+    from safetensors.torch import load_file, save_file
+
+    model = ECLIP(micro_config())
+    with torch.no_grad():
+        model.logit_scales["inter"].log_scale.fill_(2.5)
+    eclip.save_model(model, tmp_path / "m")
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    old = {k: (v.reshape(()) if k.endswith("log_scale") else v) for k, v in weights.items()}
+    save_file(old, str(tmp_path / "m" / "model.safetensors"))
+    loaded = eclip.load_model(tmp_path / "m")
+    assert loaded.logit_scales["inter"].log_scale.shape == (1,)
+    assert loaded.logit_scales["inter"]().item() == pytest.approx(torch.tensor(2.5).exp().item())
+
+
 def test_load_rejects_mismatched_weights(tmp_path):
     eclip.save_model(ECLIP(micro_config()), tmp_path / "m")
     config_path = tmp_path / "m" / "config.json"

@@ -141,8 +141,9 @@ def test_compiled_forward_gives_the_same_loss():
 
 
 def _config(catalog, out, steps, **fields):
+    fields = {"checkpoint_every": 100, "log_every": 1, **fields}
     config = make_train_config("tiny", "eclip", catalog=str(catalog), out_dir=str(out), steps=steps, warmup_steps=2,
-                               products_per_batch=6, images_per_product=2, checkpoint_every=100, log_every=1, **fields)
+                               products_per_batch=6, images_per_product=2, **fields)
     config.model = micro_config()
     return config
 
@@ -218,3 +219,86 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues(synth_catalog, tmp_pat
     config = _config(synth_catalog["train"], out, 100000)
     resumed = train(config, resume=True, progress=False, stop_at=summary["steps"] + 2)
     assert resumed.history[-1]["step"] == summary["steps"] + 2
+
+
+# ----------------------------------------------------------------------------- the loop on 2 processes
+
+
+def _loop_worker(rank: int, world: int, port: int, catalog: str, out: str, fsdp: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(_config(catalog, out, 3, fsdp=fsdp, tensorboard=False), progress=False, stop_at=2)
+    finally:
+        shutdown_distributed()
+
+
+def _weights(checkpoint) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_training_equals_one_and_its_checkpoint_resumes_anywhere(synth_catalog, tmp_path, fsdp):
+    """The whole loop under DDP or FSDP2 on 2 processes (each its half of every batch): the
+    checkpoint after 2 steps holds the weights one process reaches on the same global batches,
+    and one process resumes it to the same step 3 as an uninterrupted run."""
+    catalog = str(synth_catalog["train"])
+    single = train(_config(catalog, tmp_path / "single", 3, tensorboard=False), progress=False, stop_at=2)
+    mp.spawn(_loop_worker, args=(2, _free_port(), catalog, str(tmp_path / "dist"), fsdp), nprocs=2, join=True)
+
+    expected, got = _weights(list_checkpoints(tmp_path / "single")[-1]), _weights(list_checkpoints(tmp_path / "dist")[-1])
+    assert list_checkpoints(tmp_path / "dist")[-1].name == "step_00000002"
+    assert set(got) == set(expected)
+    assert any(not torch.equal(t, _weights_at_init(single.model)[n]) for n, t in expected.items())  # it trained
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=2e-5, msg=name)
+
+    # a distributed checkpoint resumes on one process; so does the single run: both reach step 3
+    a = train(_config(catalog, tmp_path / "single", 3, tensorboard=False), resume=True, progress=False)
+    b = train(_config(catalog, tmp_path / "dist", 3, tensorboard=False), resume=True, progress=False)
+    assert a.history[-1]["step"] == b.history[-1]["step"] == 3
+    for name, tensor in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[name], tensor, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def _weights_at_init(model: ECLIP) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)  # _config's seed: the loop's initial weights
+    return ECLIP(model.config).state_dict()
+
+
+def test_training_streams_shards_and_resumes_from_the_stream_position(synth_catalog, tmp_path):
+    from eclip.data.shards import write_shards
+
+    write_shards(synth_catalog["train"], tmp_path / "shards", max_count=10, progress=False)
+    config = _config("", tmp_path / "run", 40, shards=str(tmp_path / "shards"), log_every=5, checkpoint_every=10)
+    first = train(config, progress=False, stop_at=20)
+    assert first.history[-1]["step"] == 20 and first.history[-1]["skipped_samples"] == 0
+    state = torch.load(list_checkpoints(tmp_path / "run")[-1] / "train_state.pt", weights_only=True)
+    assert state["sampler"]["step"] == 20  # the stream's position, restored by the resume
+
+    resumed = train(config, resume=True, progress=False)
+    losses = [r["loss_total"] for r in resumed.history]
+    assert [r["step"] for r in resumed.history] == list(range(5, 41, 5))
+    assert losses[-1] < losses[0] - 0.2, losses  # it learns from the stream
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_a_resumed_run_does_not_load_pretrained_weights(synth_catalog, tmp_path, monkeypatch):
+    """The checkpoint holds every weight: a resume builds the towers without their pretrained
+    weights (nothing to fetch, no time spent filling weights that are overwritten)."""
+    from eclip.model.towers import pretrained_enabled
+    from eclip_app import train as train_module
+
+    seen = []
+
+    def recording(config):
+        seen.append(pretrained_enabled())
+        return ECLIP(config)
+
+    monkeypatch.setattr(train_module, "ECLIP", recording)
+    config = _config(synth_catalog["train"], tmp_path / "run", 3, tensorboard=False)
+    train(config, progress=False, stop_at=1)
+    train(config, resume=True, progress=False)
+    assert seen == [True, False]

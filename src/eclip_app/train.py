@@ -26,7 +26,8 @@ from eclip.config import (
     override,
     to_dict,
 )
-from eclip.data import Batch, ImageStore, PKSampler, collate, load_catalog
+from eclip.data import Batch, ImageStore, collate, load_catalog
+from eclip.data.shards import make_batch_source
 from eclip.io import atomic_write_text, replace_folder, save_model, write_model_files
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
@@ -43,7 +44,10 @@ STATE_NAME = "train_state.pt"
 
 @dataclass
 class TrainConfig:
-    catalog: str = ""
+    catalog: str = ""  # a catalog (JSON Lines), read map-style; or:
+    shards: str = ""  # WebDataset shards (`eclip shard`): a folder, a shards.json, a brace pattern or any fsspec URL
+    data_workers: int = 0  # shard-reading worker processes per rank (0: in the training process)
+    shuffle_buffer: int = 1000  # products held for shuffling by each shard reader
     out_dir: str = "runs/train"
     model_preset: str = "tiny"
     objective: str = "eclip"
@@ -161,8 +165,9 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, keep: int, write: bool = True) -> Path:
-    """Weights (safetensors), optimiser, scheduler and sampler state; written to a temporary
+def save_checkpoint(out_dir, model, optimizer, scheduler, source, step: int, keep: int, write: bool = True) -> Path:
+    """Weights (safetensors), optimiser, scheduler and the data position (`source`: the P x K
+    sampler, or the shard stream); written to a temporary
     folder and renamed, so a kill mid-write leaves the previous checkpoint intact. Every rank
     calls it (gathering sharded state is collective); only the one with `write` writes."""
     model_state, optimizer_state = full_state(model, optimizer)
@@ -174,7 +179,7 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, ke
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp_step_"))
     write_model_files(model, tmp, model_state)
     torch.save(
-        {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
+        {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sampler": source.state_dict()},
         tmp / STATE_NAME,
     )
     replace_folder(tmp, target)
@@ -183,7 +188,7 @@ def save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step: int, ke
     return target
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, sampler) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, source) -> int:
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -196,7 +201,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, sampler) -> int:
         options=StateDictOptions(full_state_dict=True, strict=True),
     )
     scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
+    source.load_state_dict(state["sampler"])
     return int(state["step"])
 
 
@@ -280,6 +285,26 @@ def make_batch(store: ImageStore, slots: list, seed: int, step: int, env: DistEn
     )
 
 
+def make_data_source(config: TrainConfig, image_size: int, env: DistEnv, store: ImageStore | None = None):
+    """Where the loop's batches come from (`source.next_batch(step)`, with a state for the
+    checkpoint): the shard stream when `config.shards` is set, else the catalog read map-style
+    with the seeded P x K sampler. Both give this rank its share of the global P x K batch."""
+    if config.shards:
+        return make_batch_source(
+            config.shards, config.products_per_batch, config.images_per_product, image_size, config.seed,
+            rank=env.rank, world_size=env.world_size, num_workers=config.data_workers, shuffle_buffer=config.shuffle_buffer,
+        )
+    products, report = load_catalog(config.catalog)
+    if env.is_main:
+        logger.info(report.summary())
+    if store is None or store.image_size != image_size:
+        store = ImageStore(products, image_size)
+    return make_batch_source(
+        None, config.products_per_batch, config.images_per_product, image_size, config.seed, store=store,
+        batch_for_slots=lambda slots, step: make_batch(store, slots, config.seed, step, env),
+    )
+
+
 class StopSignal:
     """SIGTERM (a scheduler's pre-emption, `kill`) or SIGINT sets a flag; the loop finishes
     its step, writes a checkpoint and returns, so `--resume` continues where it stopped."""
@@ -329,18 +354,18 @@ def train(
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    products, report = load_catalog(config.catalog)
-    if env.is_main:
-        logger.info(report.summary())
-    model = ECLIP(config.model)
+    if not config.catalog and not config.shards:
+        raise ValueError("no training data: set catalog (JSON Lines) or shards (eclip shard)")
+    resuming = resume and bool(list_checkpoints(out))
+    # a resumed run takes every weight from its checkpoint: no pretrained weights to load (or fetch)
+    with pretrained_weights(not resuming):
+        model = ECLIP(config.model)
     apply_freezing(model, config.optim)  # before DDP / FSDP wrap the model: they take the trainable set
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(env.device)
     criterion = ECLIPLoss(config.loss)
-    if store is None or store.image_size != model.image_size:
-        store = ImageStore(products, model.image_size)
-    sampler = PKSampler([len(p.images) for p in products], config.products_per_batch, config.images_per_product, config.seed)
+    source = make_data_source(config, model.image_size, env, store)
     forward: torch.nn.Module = model
     if config.fsdp:
         if not env.distributed:
@@ -365,9 +390,9 @@ def train(
     start = 0
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
-    if resume and list_checkpoints(out):
+    if resuming:
         latest = list_checkpoints(out)[-1]
-        start = load_checkpoint(latest, model, optimizer, scheduler, sampler)
+        start = load_checkpoint(latest, model, optimizer, scheduler, source)
         logger.info("resumed from %s at step %d", latest, start)
         if metrics_path.exists():  # drop log lines past the checkpoint: they will be redone
             lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -386,7 +411,7 @@ def train(
     with StopSignal() as stop, logs:
         while step < end:
             data_start = time.perf_counter()
-            batch = make_batch(store, sampler.batch(step), config.seed, step, env)
+            batch = source.next_batch(step)
             tokens = model.tokenizer(batch.titles)
             data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
@@ -408,7 +433,6 @@ def train(
                     )
             scheduler.step()
             step += 1
-            sampler.step = step
             window.add(len(batch.images) * env.world_size, data_time)
             bar.update(1)
             stopping = stop.received is not None or (env.distributed and any_rank(stop.received is not None, env.device))
@@ -421,12 +445,13 @@ def train(
                     "grad_norm": round(grad_norm_value, 4),
                     **window.read(env.world_size),
                     "skipped_steps": skipped,
+                    **({"skipped_samples": sum(source.skipped.values())} if hasattr(source, "skipped") else {}),
                     **{f"logit_scale_{k}": round(v, 3) for k, v in result.scales.items()},
                 }
                 logs.write(record)
                 bar.set_postfix(loss=f"{record['loss_total']:.3f}", sps=f"{record['samples_per_s']:.0f}")
             if step % config.checkpoint_every == 0 or step == end or stopping:
-                save_checkpoint(out, model, optimizer, scheduler, sampler, step, config.keep_checkpoints, write=env.is_main)
+                save_checkpoint(out, model, optimizer, scheduler, source, step, config.keep_checkpoints, write=env.is_main)
                 barrier()
             if stopping:
                 break

@@ -55,11 +55,18 @@ class LogitScale(nn.Module):
 
     def __init__(self, init: float, maximum: float):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        # shape (1,), not (): FSDP2 shards parameters along dim 0 and refuses scalars
+        self.log_scale = nn.Parameter(torch.tensor([math.log(init)]))
         self.maximum = maximum
 
-    def forward(self) -> torch.Tensor:
-        return self.log_scale.exp().clamp(max=self.maximum)
+    def forward(self) -> torch.Tensor:  # () the scale
+        return self.log_scale.exp().clamp(max=self.maximum)[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_scale"
+        if key in state_dict and state_dict[key].dim() == 0:  # saved before the (1,) shape
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ECLIP(nn.Module):
