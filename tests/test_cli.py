@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -6,10 +7,28 @@ import pytest
 
 from eclip_app.cli import build_parser, main
 
-SUBCOMMANDS = [["demo"], ["train"], ["eval"], ["synth"], ["catalog"], ["catalog", "validate"]]
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: tuple = ()) -> list[tuple[str, ...]]:
+    """Every subcommand path the parser knows, e.g. ("catalog", "from-csv")."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += [(*prefix, name), *_subcommands(sub, (*prefix, name))]
+    return found
 
 
-@pytest.mark.parametrize("words", SUBCOMMANDS)
+SUBCOMMANDS = _subcommands(build_parser())
+
+
+def test_the_documented_subcommands_exist():
+    expected = {"demo", "train", "eval", "synth", "catalog", "compose", "eval-scenes", "shard",
+                "embed", "index", "search", "serve", "export"}
+    assert expected <= {words[0] for words in SUBCOMMANDS}
+    assert {("catalog", "validate"), ("catalog", "from-csv")} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
 def test_every_subcommand_has_help(words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([*words, "--help"])
@@ -62,3 +81,14 @@ def test_train_command_and_resume(tmp_path, synth_catalog, capsys):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines][-1] == 4
     assert main(["-q", "train", "--no-progress"]) == 2
+
+
+def test_cli_works_without_the_search_extra():
+    """faiss is optional (the search extra): training and the rest of the CLI must not need it."""
+    code = "import sys; sys.modules['faiss'] = None\nfrom eclip_app.cli import main\nsys.exit(main(['train', '--help']))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "usage: eclip train" in out.stdout
+    code = "import sys; sys.modules['faiss'] = None\nfrom eclip_app.search import ProductIndex"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "pip install 'eclip[search]'" in out.stderr

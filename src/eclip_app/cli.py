@@ -21,10 +21,12 @@ def _train(args) -> int:
     config = load_train_config(args.config, args.set)
     if args.catalog:
         config.catalog = args.catalog
+    if args.shards:
+        config.shards = args.shards
     if args.out:
         config.out_dir = args.out
-    if not config.catalog:
-        print("eclip train: no catalog (give --catalog or set catalog in the config)", file=sys.stderr)
+    if not config.catalog and not config.shards:
+        print("eclip train: no training data (give --catalog or --shards, or set catalog or shards in the config)", file=sys.stderr)
         return 2
     result = train(config, resume=args.resume, progress=not args.no_progress)
     print(f"model saved to {result.out_dir / 'model'}")
@@ -190,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="TOML or JSON file of TrainConfig fields (model_preset, objective, steps, model.*, loss.*, ...)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set steps=500 --set model.decoder.num_queries=16")
     tr.add_argument("--catalog", help="training catalog (overrides the config)")
+    tr.add_argument("--shards", help="stream WebDataset shards instead (eclip shard): a folder, shards.json, a brace pattern or an fsspec URL")
     tr.add_argument("--out", help="run folder (overrides the config's out_dir)")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tr.add_argument("--no-progress", action="store_true")

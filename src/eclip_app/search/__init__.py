@@ -8,9 +8,22 @@
 HNSW / IVF-PQ by product id) and `searcher` (model + index) are the parts.
 """
 
-from .embed import Embeddings, EmbedError, EmbedReport, embed_catalog, load_embeddings
-from .index import Hit, IndexFolderError, ProductIndex, choose_kind
-from .searcher import GroundResult, Searcher, SearchRow
+import importlib
+
+# Names -> the submodule that defines them, imported on first use (PEP 562): the search extra
+# (faiss, pyarrow) stays optional for everything else the CLI does.
+_EXPORTS = {
+    "Embeddings": "embed", "EmbedError": "embed", "EmbedReport": "embed", "embed_catalog": "embed",
+    "load_embeddings": "embed", "Hit": "index", "IndexFolderError": "index", "ProductIndex": "index",
+    "choose_kind": "index", "GroundResult": "searcher", "Searcher": "searcher", "SearchRow": "searcher",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EmbedError",

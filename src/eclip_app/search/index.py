@@ -52,7 +52,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
+try:
+    import faiss
+except ImportError as error:  # an optional extra: say how to get it
+    raise ImportError("eclip's product index needs faiss: pip install 'eclip[search]' (or faiss-cpu / faiss-gpu)") from error
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
