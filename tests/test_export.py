@@ -141,3 +141,19 @@ def test_service_on_the_onnx_encoder(model, encoder, tmp_path):
     # the index was built with PyTorch; the ONNX image vectors land on the same rows
     query = normalize(to_uint8_tensor(load_rgb(rows[0]["image_path"]), 32)[None])
     assert (encoder.product_embedding(query) - model.product_embedding(query)).abs().max() < TOL
+
+
+def test_embed_runs_on_the_onnx_export_and_matches_pytorch(model, exported, synth_catalog, tmp_path):
+    """`eclip embed --model ONNX_FOLDER`: the onnxruntime path gives PyTorch's vectors."""
+    from eclip_app.search.embed import load_embeddings
+
+    save_model(model, tmp_path / "model")
+    args = ["--catalog", str(synth_catalog["heldout"]), "--part-size", "64", "--no-progress"]
+    assert main(["embed", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "torch"), *args]) == 0
+    assert main(["embed", "--model", str(exported[0]), "--out", str(tmp_path / "onnx"), *args]) == 0
+    torch_vectors, onnx_vectors = load_embeddings(tmp_path / "torch"), load_embeddings(tmp_path / "onnx")
+    assert json.loads((tmp_path / "onnx" / "manifest.json").read_text())["backend"] == "onnx"
+    for field in ("product", "global"):
+        a, b = torch_vectors.vectors(field), onnx_vectors.vectors(field)
+        assert a.shape == b.shape and len(a) > 0
+        np.testing.assert_allclose(b, a, atol=TOL)

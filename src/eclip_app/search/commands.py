@@ -120,7 +120,7 @@ def add_search_commands(sub) -> None:
                         description="Embed every image (product and global embedding) and every title of a catalog into "
                                     "Parquet parts. Rerun to resume; under torchrun each rank (RANK / WORLD_SIZE) takes a "
                                     "disjoint slice of the parts.")
-    em.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    em.add_argument("--model", required=True, help="model folder (config.json + model.safetensors), or an `eclip export --onnx` folder: encode with onnxruntime")
     em.add_argument("--catalog", required=True, help="catalog (JSON Lines)")
     em.add_argument("--out", required=True, help="embeddings folder (manifest.json, images/, products/)")
     em.add_argument("--part-size", type=int, default=512, help="images (and products) per Parquet part: the unit of resumption")

@@ -84,9 +84,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(folder: str | Path) -> str:
+def is_onnx_export(folder: str | Path) -> bool:
+    """An `eclip export --onnx` folder (rather than a model folder)."""
+    from .export import IMAGE_FILE, TEXT_FILE
+
     folder = Path(folder)
-    return hashlib.sha256((_sha256(folder / CONFIG_NAME) + _sha256(folder / WEIGHTS_NAME)).encode()).hexdigest()
+    return (folder / IMAGE_FILE).is_file() and (folder / TEXT_FILE).is_file()
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """What the vectors depend on: the config and the weights (or the two ONNX graphs)."""
+    from .export import IMAGE_FILE, TEXT_FILE
+
+    folder = Path(folder)
+    files = (CONFIG_NAME, IMAGE_FILE, TEXT_FILE) if is_onnx_export(folder) else (CONFIG_NAME, WEIGHTS_NAME)
+    return hashlib.sha256("".join(_sha256(folder / name) for name in files).encode()).hexdigest()
+
+
+def load_encoder(folder: str | Path, device: str = "cpu"):
+    """The model in `folder` (PyTorch), or its ONNX export on onnxruntime: both answer
+    encode_image / product_embedding_from / encode_text, which is all embedding needs."""
+    if is_onnx_export(folder):
+        from .export import OnnxEncoder
+
+        if device != "cpu":
+            raise EmbedError(f"{folder} is an ONNX export: it runs on the CPU (onnxruntime), not {device}")
+        return OnnxEncoder.load(folder)
+    return load_model(folder, device=device)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -202,7 +226,8 @@ def embed_catalog(
     world_size: int | None = None,
     max_parts: int | None = None,
 ) -> EmbedReport:
-    """Embed every image and title of `catalog` with the model in `model_folder`.
+    """Embed every image and title of `catalog` with the model in `model_folder` (a model
+    folder, or an `eclip export --onnx` folder: then onnxruntime does the work).
 
     Resumes: parts already in `out_dir` are skipped. `rank`/`world_size` default to the
     RANK/WORLD_SIZE environment (torchrun). `max_parts` stops after writing that many parts
@@ -215,7 +240,7 @@ def embed_catalog(
         raise EmbedError("part_size and batch_size must be positive")
     out = Path(out_dir)
     model_folder = Path(model_folder)
-    model = load_model(model_folder, device=device)
+    model = load_encoder(model_folder, device=device)
     products, catalog_report = load_catalog(catalog, check_images=False)  # decoded once, below
     slots = [(p, i) for p in products for i in range(len(p.images))]
     image_parts = -(-len(slots) // part_size)
@@ -225,7 +250,8 @@ def embed_catalog(
         "catalog": str(Path(catalog).resolve()), "catalog_sha256": _sha256(Path(catalog)),
         "model": str(model_folder.resolve()), "model_sha256": model_fingerprint(model_folder),
         "embed_dim": model.config.embed_dim, "image_size": model.image_size,
-        "has_decoder": model.decoder is not None, "part_size": part_size,
+        "has_decoder": model.config.has_decoder, "part_size": part_size,
+        "backend": "onnx" if is_onnx_export(model_folder) else "torch",
         "image_parts": image_parts, "product_parts": product_parts,
         "images": len(slots), "products": len(products),
         "catalog_skipped": dict(catalog_report.skipped),
