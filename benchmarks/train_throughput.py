@@ -194,6 +194,25 @@ def measure(steps: dict, batch: int, device, rounds: int, per_round: int, peak: 
     return results
 
 
+def profile_row(make, row: str, batch: int, device, top: int = 25) -> None:
+    """Where one row's step spends its time: the ops with the most self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _ = make(batch)
+    for _ in range(2):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of '{row}' (2 steps, batch {batch}), by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+    del step
+
+
 def peak_memory(rows: dict, batch: int, device) -> dict[str, float]:
     """Each row's peak memory measured alone (the other rows' models freed)."""
     out = {}
@@ -219,6 +238,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per row per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each row's median round is reported")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--profile", action="append", default=[], metavar="ROW",
+                        help="after measuring, profile this row's step (e.g. 'eclip, K=1') and print its costliest ops")
     args = parser.parse_args()
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -270,6 +291,8 @@ def main() -> None:
         tf = f"{r.tflop_per_step:.2f}" if r.tflop_per_step is not None else "-"
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "-"
         print(f"| {r.name} | {r.batch} | {r.texts} | {r.samples_per_s:.1f} | {r.step_ms:.1f} | {r.samples_per_s / base:.2f} | {mem} | {tf} | {mfu} |")
+    for row in args.profile:
+        profile_row(rows[row], row, batch, device)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": card, "model": name, "batch": batch, "precision": args.precision,
                                                "rows": [r.__dict__ for r in results]}, indent=2))
