@@ -21,6 +21,17 @@ for r in rows:
     print({k: r[k] for k in ("step", "loss_total", "samples_per_s", "data_wait_fraction")})
 PY
 
+echo "== the same from shards, bf16, compiled forward"
+python3 -m eclip_app.cli -q shard --catalog /tmp/shop/train.jsonl --out /tmp/shards --max-count 100 --no-progress
+python3 -m eclip_app.cli train --shards /tmp/shards --out /tmp/run_shards --no-progress --set steps=60 \
+    --set precision=bf16 --set compile=true --set data_workers=4 --set log_every=20 --set checkpoint_every=30 2>&1 | tail -5
+python3 - <<'PY'
+import json
+for r in (json.loads(l) for l in open("/tmp/run_shards/metrics.jsonl")):
+    print({k: r.get(k) for k in ("step", "loss_total", "samples_per_s", "data_wait_fraction", "skipped_samples")})
+PY
+
+[ "${SKIP_THROUGHPUT:-0}" = 1 ] && exit 0
 echo "== training throughput, ViT-B/16"
 BATCH=${BATCH:-auto}  # 512 on an 80 GB H100 (768 runs out of memory with every row resident)
 python3 benchmarks/train_throughput.py --model ViT-B-16 --precision bf16 --batch "$BATCH" \
