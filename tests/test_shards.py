@@ -300,3 +300,18 @@ def test_batch_sources_and_cli(catalog, tmp_path):
     custom = make_batch_source(None, 4, 2, S, store=store, batch_for_slots=lambda slots, step: calls.append(step) or expected)
     assert custom.next_batch(7) is expected and calls == [7] and custom.state_dict() == {"step": 8, "seed": 0}
     assert main(["shard", "--catalog", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 1
+
+
+def test_a_missing_reader_library_is_not_mistaken_for_a_missing_index(shard_dir, monkeypatch):
+    """Without webdataset (the scale extra) the stream says what to install, rather than
+    "no readable shards.json"."""
+    import sys
+
+    from eclip.data.shards import read_index
+
+    folder = str(shard_dir[0])
+    assert read_index(folder) is not None
+    assert read_index(folder + "/missing.json") is None  # a missing index is not an error here
+    monkeypatch.setitem(sys.modules, "webdataset.gopen", None)
+    with pytest.raises(ImportError, match=r"pip install 'eclip\[scale\]'"):
+        read_index(folder)

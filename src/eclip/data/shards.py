@@ -304,7 +304,10 @@ def _brace_pattern(count: int) -> str:
 def open_url(url: str):
     """A binary file object for a local path, `file://`, a webdataset scheme (`pipe:`, `http(s)`
     via curl, `gs`, ...) or any fsspec protocol (`memory://`, `s3://` with s3fs, ...)."""
-    from webdataset.gopen import gopen, gopen_schemes
+    try:
+        from webdataset.gopen import gopen, gopen_schemes
+    except ImportError as error:  # an optional extra: say how to get it
+        raise ImportError("reading shards needs webdataset: pip install 'eclip[scale]'") from error
 
     scheme = urlparse(url).scheme
     if scheme in ("", "file") or len(scheme) == 1 or scheme in gopen_schemes:  # len 1: a Windows drive letter
@@ -355,7 +358,7 @@ def read_index(location: str) -> dict | None:
     try:
         with open_url(url) as handle:
             return json.loads(handle.read())
-    except Exception:  # no index (or unreadable): the caller decides whether it needs one
+    except (OSError, ValueError):  # no index, or not JSON: the caller decides whether it needs one
         return None
 
 
