@@ -294,9 +294,7 @@ def make_data_source(config: TrainConfig, image_size: int, env: DistEnv, store: 
             config.shards, config.products_per_batch, config.images_per_product, image_size, config.seed,
             rank=env.rank, world_size=env.world_size, num_workers=config.data_workers, shuffle_buffer=config.shuffle_buffer,
         )
-    products, report = load_catalog(config.catalog)
-    if env.is_main:
-        logger.info(report.summary())
+    products, _ = load_catalog(config.catalog)  # logs its own summary
     if store is None or store.image_size != image_size:
         store = ImageStore(products, image_size)
     return make_batch_source(
