@@ -12,6 +12,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -429,7 +430,9 @@ def train(
                         f"{bad_in_a_row} steps in a row with a non-finite loss or gradient (last at step {step + 1}); "
                         f"lower the learning rate or check the data. The last good checkpoint is in {checkpoint_dir(out)}"
                     )
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first update is deliberate: keep the schedule moving
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                scheduler.step()
             step += 1
             window.add(len(batch.images) * env.world_size, data_time)
             bar.update(1)
