@@ -302,3 +302,19 @@ def test_a_resumed_run_does_not_load_pretrained_weights(synth_catalog, tmp_path,
     train(config, progress=False, stop_at=1)
     train(config, resume=True, progress=False)
     assert seen == [True, False]
+
+
+def test_fused_adamw_is_used_where_available_and_steps_like_the_plain_one():
+    from eclip_app.train import build_optimizer
+
+    results = {}
+    for fused in (None, False):  # None: auto (fused on CPU and CUDA)
+        model = _model()
+        TrainStep(model, ECLIPLoss(LossConfig()), model, torch.device("cpu"))(_global_batch())
+        config = make_train_config("tiny", "eclip", fused_adamw=fused)
+        optimizer = build_optimizer(model, config, torch.device("cpu"))
+        assert bool(optimizer.defaults.get("fused")) is (fused is None)
+        optimizer.step()
+        results[fused] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in results[False].items():
+        torch.testing.assert_close(results[None][name], value, rtol=1e-5, atol=1e-6, msg=name)
