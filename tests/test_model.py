@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import eclip
-from eclip.config import model_preset, override
+from eclip.config import BoxRule, ModelConfig, model_preset, override
 from eclip.model import ECLIP, HashTokenizer, select_instances
 from eclip.model.grounding import box_from_heatmap, box_iou
 from eclip.model.layers import sine_position_encoding_2d
@@ -101,6 +101,54 @@ def test_box_from_heatmap_picks_largest_region():
     assert box == pytest.approx((8 / 20, 10 / 20, 16 / 20, 18 / 20))
     assert box_iou(box, box) == pytest.approx(1.0)
     assert box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
+
+
+def _peaked_product_map():
+    """A min-max map as ECLIP's attention looks after training: a peak on a part of the product,
+    a low tail over the rest of it, a fainter distractor elsewhere, zero background."""
+    heat = torch.zeros(32, 32)
+    heat[8:24, 6:20] = 0.15  # the product: 16 x 14 pixels
+    heat[10:13, 8:11] = 1.0  # the part the attention peaks on
+    heat[26:30, 24:28] = 0.12  # a small distractor, above the mean too
+    return heat.numpy()
+
+
+def test_box_rule_above_mean_boxes_the_product_not_its_peak():
+    heat = _peaked_product_map()
+    product = (6 / 32, 8 / 32, 20 / 32, 24 / 32)
+    # the half-maximum rule boxes the peaked part only
+    assert box_from_heatmap(heat) == pytest.approx((8 / 32, 10 / 32, 11 / 32, 13 / 32))
+    # above the mean, largest region: the whole product, not the distractor
+    assert box_from_heatmap(heat, 1.0, "mean", "largest") == pytest.approx(product)
+    # union of every kept pixel reaches the distractor
+    assert box_from_heatmap(heat, 1.0, "mean", "union") == pytest.approx((6 / 32, 8 / 32, 28 / 32, 30 / 32))
+    with pytest.raises(ValueError):
+        box_from_heatmap(heat, 1.0, "median")
+    # a model applies its config's rule: the decoder's default is above the mean
+    model = ECLIP(micro_config()).eval()
+    assert model.box_from_heatmap(heat) == pytest.approx(product)
+    baseline = ECLIP(micro_config(decoder=False)).eval()
+    assert baseline.config.box_rule() == BoxRule(relative_to="max", threshold=0.8, region="union")
+    assert baseline.box_from_heatmap(heat) == pytest.approx((8 / 32, 10 / 32, 11 / 32, 13 / 32))
+
+
+def test_box_rule_is_configurable_and_old_configs_load(tmp_path):
+    from eclip.config import from_dict, to_dict
+
+    config = micro_config()
+    saved = to_dict(config)
+    assert saved["box"] is None
+    del saved["box"]  # a config.json written before the field existed
+    old = from_dict(ModelConfig, saved)
+    assert old.box is None and old.box_rule() == BoxRule("mean", 1.0, "largest")
+    half_max = BoxRule(relative_to="max", threshold=0.5, region="largest")
+    config.box = half_max
+    model = ECLIP(config).eval()
+    assert model.box_from_heatmap(_peaked_product_map()) == pytest.approx((8 / 32, 10 / 32, 11 / 32, 13 / 32))
+    eclip.save_model(model, tmp_path / "m")
+    assert eclip.load_model(tmp_path / "m").config.box_rule() == half_max
+    # a command-line override sets a plain dict
+    assert override(micro_config(), ['box={"relative_to": "max", "threshold": 0.5}']).box_rule() == half_max
 
 
 def test_sine_encoding_distinguishes_positions():

@@ -94,8 +94,10 @@ contrastive objective only) trained with the same data, {steps} steps and seed.
 
 ECLIP reads the product embedding from its productness-selected instance and grounds with the
 selected query's cross-attention; the baseline uses its global embedding and grounds with the
-similarity of the text to each projected visual token (MaskCLIP-style). Both boxes: threshold
-at half the peak, largest connected region.
+similarity of the text to each projected visual token (MaskCLIP-style). Boxes: each map's rule
+(`ModelConfig.box_rule()`, chosen on the train split): ECLIP keeps the pixels above the map's
+mean and boxes the largest connected region; the baseline keeps the top fifth of its map's range
+and boxes all of it.
 
 ![loss curves](loss_curves.png)
 

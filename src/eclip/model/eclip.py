@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,6 +188,13 @@ class ECLIP(nn.Module):
         maps = encoding.attention[torch.arange(len(index)), index]
         return maps, index
 
+    def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
+        """The box of one upsampled map in [0, 1] (`upsample_heatmap`), by this model's rule
+        (`ModelConfig.box_rule()`: above the mean of an attention map, the top fifth of a
+        token-similarity map)."""
+        rule = self.config.box_rule()
+        return box_from_heatmap(heatmap, rule.threshold, rule.relative_to, rule.region)
+
     @torch.no_grad()
     def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:
         """Where in image i is the product that text i describes: heat map and box."""
@@ -194,5 +202,5 @@ class ECLIP(nn.Module):
         text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
         maps, index = self.heatmaps_from(encoding, text_emb)
         heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        boxes = [box_from_heatmap(h.cpu().numpy()) for h in heatmaps]
+        boxes = [self.box_from_heatmap(h.cpu().numpy()) for h in heatmaps]
         return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)

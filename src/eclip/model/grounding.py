@@ -1,5 +1,6 @@
-"""From a heat map over the token grid to a box: upsample, threshold at half the peak, keep the
-largest connected region, box it."""
+"""From a heat map over the token grid to a box: upsample, rescale to [0, 1], keep the pixels
+above a threshold (relative to the map's mean or its maximum), box the largest connected region
+or all of them (`eclip.config.BoxRule`; each model's rule is `ModelConfig.box_rule()`)."""
 
 from __future__ import annotations
 
@@ -18,18 +19,38 @@ def upsample_heatmap(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (up - low) / (high - low).clamp_min(1e-12)
 
 
-def box_from_heatmap(heatmap: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float, float]:
+def box_from_heatmap(
+    heatmap: np.ndarray,
+    threshold: float = 0.5,
+    relative_to: str = "max",
+    region: str = "largest",
+) -> tuple[float, float, float, float]:
     """Box (x0, y0, x1, y1) as fractions of the width and height, from one map in [0, 1].
 
+    Pixels >= threshold x the map's maximum (relative_to="max") or its mean ("mean") are kept;
+    the box encloses the largest connected region of them (region="largest") or all of them
+    ("union"). The defaults are the half-maximum rule; models use `ModelConfig.box_rule()`.
     x1 and y1 are exclusive, so a one-pixel region has a non-zero area.
     """
     h, w = heatmap.shape
-    mask = heatmap >= threshold * heatmap.max()
+    if relative_to == "max":
+        level = threshold * heatmap.max()
+    elif relative_to == "mean":
+        # never above the peak: a map that is flat but for one pixel still keeps that pixel
+        level = min(threshold * heatmap.mean(), heatmap.max())
+    else:
+        raise ValueError(f"unknown box threshold reference {relative_to!r} (max or mean)")
+    mask = heatmap >= level
     labels, count = ndimage.label(mask)
     if count == 0:  # flat map: the whole image
         return (0.0, 0.0, 1.0, 1.0)
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-    ys, xs = np.nonzero(labels == int(np.argmax(sizes)) + 1)
+    if region == "union":
+        ys, xs = np.nonzero(mask)
+    elif region == "largest":
+        sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
+        ys, xs = np.nonzero(labels == int(np.argmax(sizes)) + 1)
+    else:
+        raise ValueError(f"unknown box region {region!r} (largest or union)")
     return (float(xs.min() / w), float(ys.min() / h), float((xs.max() + 1) / w), float((ys.max() + 1) / h))
 
 

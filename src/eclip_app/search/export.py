@@ -312,7 +312,8 @@ class OnnxEncoder:
         text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
         maps, index = self.heatmaps_from(encoding, text_emb)
         heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        boxes = [box_from_heatmap(h.numpy()) for h in heatmaps]
+        rule = self.config.box_rule()
+        boxes = [box_from_heatmap(h.numpy(), rule.threshold, rule.relative_to, rule.region) for h in heatmaps]
         return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
 
     @property

@@ -210,12 +210,13 @@ class SearchService:
             encoding = self.model.encode_image(batch)
             maps, index = self.model.heatmaps_from(encoding, self.model.encode_text(texts))
             heat = upsample_heatmap(maps.float(), (self.image_size, self.image_size))
+        rule = self.model.config.box_rule()
         out = []
         for i, h in enumerate(heat.numpy()):
             grid = maps[i].float().numpy()
             grid = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
             out.append({
-                "box": [round(v, 4) for v in box_from_heatmap(h)],
+                "box": [round(v, 4) for v in box_from_heatmap(h, rule.threshold, rule.relative_to, rule.region)],
                 "query_index": None if index is None else int(index[i]),
                 "grid": np.round(grid, 3).tolist(),
                 "heatmap": h,
