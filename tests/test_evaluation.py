@@ -35,3 +35,63 @@ def test_random_box_accuracy_grows_with_the_box():
     large, large_iou = random_box_baseline([(0.2, 0.2, 0.8, 0.8)] * 10)
     assert small < 0.02 < large
     assert 0 < small_iou < large_iou < 1
+
+
+class _ColourModel:
+    """A stand-in model that sees an image's mean colour and a text's colour word: zero-shot
+    colour classification is then exactly the colour of the image."""
+
+    image_size = 8
+    colours = ("red", "green", "blue")
+
+    def eval(self):
+        return self
+
+    def encode_text(self, texts):
+        import torch
+
+        rows = [[float(c in t.split()) for c in self.colours] + [float(not any(c in t.split() for c in self.colours))] for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+    def encode_image(self, images):
+        import torch
+
+        rgb = (images.mean(dim=(2, 3)) + 1) / 2  # back to [0, 1]
+        return torch.nn.functional.normalize(torch.cat([rgb, torch.zeros(len(rgb), 1)], dim=1), dim=-1)
+
+    def image_text_scores(self, encoding, texts):
+        return encoding @ texts.T
+
+    def product_embedding_from(self, encoding):
+        return encoding
+
+    def heatmaps_from(self, encoding, texts):
+        import torch
+
+        return torch.ones(len(encoding), 2, 2), None
+
+    def box_from_heatmap(self, heatmap):
+        from eclip.model.grounding import box_from_heatmap
+
+        return box_from_heatmap(heatmap)
+
+
+def test_attribute_classification_top1_and_macro_f1(tmp_path):
+    from PIL import Image
+
+    from eclip.data import Product, ProductImage
+    from eclip.evaluation import evaluate
+
+    rgb = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    seen = ["red", "red", "green", "green", "blue", "blue"]  # what the photos show
+    labelled = ["red", "green", "green", "green", "blue", "blue"]  # product 1 is labelled wrong
+    products = []
+    for i, (colour, label) in enumerate(zip(seen, labelled)):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), rgb[colour]).save(path)
+        products.append(Product(f"p{i}", f"item number {i}", [ProductImage(str(path))], attributes={"colour": label, "size": "m"}))
+    results = evaluate(_ColourModel(), products, progress=False)
+    assert results["attribute_colour_top1"] == pytest.approx(5 / 6)
+    # labels sorted: blue (f1 1), green (tp 2, fn 1: 0.8), red (tp 1, fp 1: 2/3)
+    assert results["attribute_colour_macro_f1"] == pytest.approx((1 + 0.8 + 2 / 3) / 3)
+    assert "attribute_size_top1" not in results  # one value: no classification to make

@@ -18,7 +18,7 @@ from .data.catalog import Product
 from .data.dataset import ImageStore
 from .data.transforms import normalize
 from .model.eclip import ECLIP
-from .model.grounding import box_from_heatmap, box_iou, peak_point, upsample_heatmap
+from .model.grounding import box_iou, peak_point, upsample_heatmap
 
 PROMPTS = ["a photo of a {}", "{}", "a {} for sale", "product listing of a {}", "a {} in a listing photo"]
 
@@ -135,7 +135,7 @@ def evaluate(
             box = products[p].images[i].box
             if box is None:
                 continue
-            ious.append(box_iou(box_from_heatmap(heatmap), box))
+            ious.append(box_iou(model.box_from_heatmap(heatmap), box))  # the model's own box rule
             x, y = peak_point(heatmap)
             points.append(box[0] <= x <= box[2] and box[1] <= y <= box[3])
 
@@ -172,7 +172,9 @@ def evaluate(
     for name, values in attribute_names.items():
         truth = np.array([values.index(str(products[p].attributes[name])) if name in products[p].attributes else -1 for p in image_pid])
         predicted = torch.cat(attribute_scores[name]).numpy().argmax(axis=1)
-        results[f"attribute_{name}_top1"] = float((predicted == truth)[truth >= 0].mean())
+        known = truth >= 0
+        results[f"attribute_{name}_top1"] = float((predicted == truth)[known].mean())
+        results[f"attribute_{name}_macro_f1"] = macro_f1(predicted[known], truth[known], len(values))
 
     if ious:
         boxes = [products[p].images[i].box for p, i in slots if products[p].images[i].box is not None]
