@@ -26,7 +26,6 @@ from eclip.data.shards import (
     generate_batches,
     make_batch_source,
     read_shard,
-    stream_batches,
     write_shards,
 )
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
@@ -140,7 +139,7 @@ def test_stream_batch_has_the_map_style_structure(catalog, shard_dir):
     p, k = 6, 4  # K=4 > 3 images a product: the augmented-repeat path too
     store = ImageStore(products, S)
     reference = collate(store, PKSampler([len(x.images) for x in products], p, k, 0).batch(0), torch.Generator().manual_seed(0))
-    stream = stream_batches(str(out), p, k, S, seed=0, shuffle_buffer=16)
+    stream = ShardStream(str(out), p, k, S, seed=0, shuffle_buffer=16)
     assert stream.products == len(products) and stream.batches_per_epoch == len(products) // p
     for step in range(3):
         batch = stream.next_batch(step)
@@ -159,18 +158,18 @@ def test_seeds_ranks_and_resume(shard_dir):
     def pids(stream, steps):
         return [stream.next_batch(s).text_pids.tolist() for s in steps]
 
-    first = pids(stream_batches(str(out), 4, 2, S, seed=0, shuffle_buffer=8), range(3))
-    assert first == pids(stream_batches(str(out), 4, 2, S, seed=0, shuffle_buffer=8), range(3))
-    assert first != pids(stream_batches(str(out), 4, 2, S, seed=0, rank=1, world_size=2, shuffle_buffer=8), range(3))
-    assert first != pids(stream_batches(str(out), 4, 2, S, seed=1, shuffle_buffer=8), range(3))
+    first = pids(ShardStream(str(out), 4, 2, S, seed=0, shuffle_buffer=8), range(3))
+    assert first == pids(ShardStream(str(out), 4, 2, S, seed=0, shuffle_buffer=8), range(3))
+    assert first != pids(ShardStream(str(out), 4, 2, S, seed=0, rank=1, world_size=2, shuffle_buffer=8), range(3))
+    assert first != pids(ShardStream(str(out), 4, 2, S, seed=1, shuffle_buffer=8), range(3))
     # resume: reseeded at the step, the same continuation every time
-    stream = stream_batches(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
+    stream = ShardStream(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
     pids(stream, range(2))
     state = stream.state_dict()
     assert state["step"] == 2 and state["seed"] == 0
-    resumed = stream_batches(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
+    resumed = ShardStream(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
     resumed.load_state_dict(state)
-    again = stream_batches(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
+    again = ShardStream(str(out), 4, 2, S, seed=0, shuffle_buffer=8)
     a, b = resumed.next_batch(), again.next_batch(2)
     assert a.text_pids.tolist() == b.text_pids.tolist() and torch.equal(a.images, b.images)
     with pytest.raises(ValueError, match="seed"):
@@ -214,7 +213,7 @@ def test_broken_samples_are_skipped_and_counted(shard_dir, corrupt_tar, tmp_path
     path, good = corrupt_tar
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes((shard_dir[0] / "shard-000000.tar").read_bytes()[:5000])
-    stream = stream_batches([path, str(truncated)], 2, 2, S, seed=0, shuffle_buffer=2)
+    stream = ShardStream([path, str(truncated)], 2, 2, S, seed=0, shuffle_buffer=2)
     seen = set()
     for step in range(12):
         batch = stream.next_batch(step)
@@ -228,7 +227,7 @@ def test_broken_samples_are_skipped_and_counted(shard_dir, corrupt_tar, tmp_path
 
 def test_only_broken_shards_fail_loudly_instead_of_hanging(tmp_path):
     path = _tar(tmp_path / "bad.tar", [("a", {"json": b"{"})])
-    stream = stream_batches([path], 1, 1, S)
+    stream = ShardStream([path], 1, 1, S)
     with pytest.raises(RuntimeError, match="without a usable sample"):
         stream.next_batch(0)
     meta = json.dumps({"product_id": "b", "title": "t", "images": ["0.jpg"]}).encode()
@@ -251,7 +250,7 @@ def test_fsspec_memory_and_brace_urls(shard_dir):
     batches = []
     for url in urls:
         # one stream at a time: the memory filesystem hands every reader the same file object
-        stream = stream_batches(url, 4, 2, S, seed=3, shuffle_buffer=8)
+        stream = ShardStream(url, 4, 2, S, seed=3, shuffle_buffer=8)
         assert stream.products == index["products"]
         batches.append([stream.next_batch(step) for step in range(2)])
         stream.close()
@@ -263,7 +262,7 @@ def test_fsspec_memory_and_brace_urls(shard_dir):
 
 def test_dataloader_workers_draw_different_streams(corrupt_tar):
     path, _ = corrupt_tar
-    stream = stream_batches([path], 2, 2, S, seed=0, num_workers=2, shuffle_buffer=2)
+    stream = ShardStream([path], 2, 2, S, seed=0, num_workers=2, shuffle_buffer=2)
     batches = [stream.next_batch(step) for step in range(4)]
     stream.close()
     config = StreamConfig(urls=(path,), products_per_batch=2, images_per_product=2, image_size=S, seed=0, shuffle_buffer=2)

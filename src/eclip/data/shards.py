@@ -745,21 +745,6 @@ class ShardStream:
         self.step = int(state["step"])
 
 
-def stream_batches(
-    urls: str | list[str],
-    products_per_batch: int,
-    images_per_product: int,
-    image_size: int,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-) -> ShardStream:
-    """An endless, resampled stream of Batches (iterate it, or call `next_batch(step)`)."""
-    return ShardStream(urls, products_per_batch, images_per_product, image_size, seed, rank, world_size, num_workers, shuffle_buffer)
-
-
 # ----------------------------------------------------------------------------- one interface for the trainer
 
 
