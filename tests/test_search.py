@@ -275,6 +275,13 @@ def test_auto_kind_by_size_and_budget():
     assert choose_kind(49_999, 512)[0] == "flat"
     assert choose_kind(100_000, 512, 1024)[0] == "hnsw"
     assert choose_kind(1_000_000, 512, 4096)[0] == "hnsw"
+    assert choose_kind(1_000_000, 512)[0] == "hnsw"  # the default 4 GiB budget
+    assert choose_kind(2_000_000, 512)[0] == "ivfpq"
+    from eclip_app.cli import build_parser
+    from eclip_app.search.index import DEFAULT_MEMORY_BUDGET_MB
+
+    # the CLI cannot import the index module (faiss) to build its parser: same number, by hand
+    assert build_parser().parse_args(["index", "--embeddings", "e", "--out", "o"]).memory_budget_mb == DEFAULT_MEMORY_BUDGET_MB
     kind, params = choose_kind(1_000_000, 512, 1024)
     assert kind == "ivfpq" and params["pq_m"] == 128
     assert choose_kind(1_000_000, 512, 40)[1]["pq_m"] < 64

@@ -136,7 +136,7 @@ def add_search_commands(sub) -> None:
     ix.add_argument("--embeddings", required=True, help="folder written by `eclip embed`")
     ix.add_argument("--out", required=True, help="index folder (written atomically)")
     ix.add_argument("--kind", choices=["auto", "flat", "hnsw", "ivfpq"], default="auto")
-    ix.add_argument("--memory-budget-mb", type=float, default=1024)
+    ix.add_argument("--memory-budget-mb", type=float, default=4096, help="the index's RAM budget (default 4 GiB: HNSW up to ~1.8M 512-d vectors)")
     ix.add_argument("--field", choices=["product", "global"], default="product",
                     help="which image embedding to index: the instance-level product embedding or the global one")
     ix.set_defaults(func=_index)

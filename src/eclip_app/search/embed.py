@@ -355,10 +355,13 @@ def load_embeddings(folder: str | Path) -> Embeddings:
 
 
 def index_embeddings(
-    folder: str | Path, kind: str = "auto", memory_budget_mb: float = 1024, field: str = "product"
+    folder: str | Path, kind: str = "auto", memory_budget_mb: float | None = None, field: str = "product"
 ):
-    """Build a ProductIndex over the image vectors of an embeddings folder (`eclip index`)."""
-    from .index import ProductIndex
+    """Build a ProductIndex over the image vectors of an embeddings folder (`eclip index`);
+    `memory_budget_mb` None: the index's default (`DEFAULT_MEMORY_BUDGET_MB`)."""
+    from .index import DEFAULT_MEMORY_BUDGET_MB, ProductIndex
+
+    memory_budget_mb = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
 
     embeddings = load_embeddings(folder)
     if embeddings.images.num_rows == 0:

@@ -15,7 +15,8 @@ Design (issue 5):
     1. fewer than 50,000 vectors and they fit the budget: `flat` (IndexFlatIP). Exact; a scan
        of 50k 512-d vectors costs about 5 ms per query on 2 cores, so approximation buys
        little below that.
-    2. else, if the vectors plus the HNSW graph fit the memory budget: `hnsw`
+    2. else, if the vectors plus the HNSW graph fit the memory budget (default 4 GiB, about
+       1.8M 512-d vectors): `hnsw`
        (IndexHNSWFlat, METRIC_INNER_PRODUCT, M=32, efConstruction=80, efSearch=128): 0.41 ms
        median, 0.76 ms p95 per query at recall@10 0.96 on 1M clustered 512-d vectors, 2 cores
        (benchmarks/search.py, BENCHMARKS.md); the 1M build takes about 8 minutes there.
@@ -70,6 +71,9 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128  # recall@10 0.96 at 1M clustered 512-d vectors, 0.995 at 100k
 IVF_NPROBE = 32
+# 4 GiB: HNSW up to about 1.8M 512-d vectors (1M needs about 2.2 GiB), the index that meets
+# recall@10 >= 0.95 there; IVF-PQ (recall about 0.75-0.8) only when the budget says so
+DEFAULT_MEMORY_BUDGET_MB = 4096
 TOMBSTONE_REBUILD_FRACTION = 0.5
 FILES = ("index.faiss", "vectors.parquet", "products.parquet", "index.json")
 
@@ -149,7 +153,7 @@ def _nlist(n: int) -> int:
     return max(1, min(int(2 * math.sqrt(n)), n // 39))
 
 
-def choose_kind(n: int, dim: int, memory_budget_mb: float = 1024) -> tuple[str, dict]:
+def choose_kind(n: int, dim: int, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> tuple[str, dict]:
     """The auto rule (module docstring): returns the kind and its parameters."""
     budget = memory_budget_mb * 2**20
     if n < FLAT_MAX_VECTORS and estimate_bytes("flat", n, dim) <= budget:
@@ -209,7 +213,7 @@ class ProductIndex:
         product_ids: list[str],
         metadata: list[dict],
         kind: str = "auto",
-        memory_budget_mb: float = 1024,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         info: dict | None = None,
         params: dict | None = None,
     ) -> ProductIndex:
