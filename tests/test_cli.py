@@ -67,6 +67,19 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert main(["-q", "eval", "--model", str(out / "eclip" / "model"), "--catalog", str(out / "data" / "heldout.jsonl"), "--json", "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["same_product_map_r"] == pytest.approx(results["eclip"]["same_product_map_r"])
+    # --readout global reads ECLIP's global head: other product embeddings, other numbers
+    assert main(["-q", "eval", "--model", str(out / "eclip" / "model"), "--catalog", str(out / "data" / "heldout.jsonl"),
+                 "--json", "--no-progress", "--readout", "global"]) == 0
+    global_metrics = json.loads(capsys.readouterr().out)
+    assert global_metrics["same_product_map_r"] != pytest.approx(metrics["same_product_map_r"], abs=1e-9)
+
+
+def test_eval_readout_choices_are_the_library_readouts():
+    from eclip.config import READOUTS
+
+    eval_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    readout = next(a for a in eval_parser._actions if a.dest == "readout")
+    assert tuple(readout.choices) == READOUTS
 
 
 def test_train_command_and_resume(tmp_path, synth_catalog, capsys):

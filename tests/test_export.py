@@ -87,6 +87,25 @@ def test_baseline_without_decoder_exports_too(tmp_path):
     assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3
 
 
+def test_export_keeps_the_readout(tmp_path):
+    torch.manual_seed(3)
+    config = micro_config()
+    config.readout = "mix"
+    mixed = ECLIP(config).eval()
+    assert export_onnx(mixed, tmp_path).ok
+    encoder = OnnxEncoder.load(tmp_path)
+    assert encoder.config.readout == "mix"
+    images = torch.randn(3, 3, 32, 32)
+    texts = mixed.encode_text(["red tee", "blue mug"])
+    with torch.inference_mode():
+        ref, got = mixed.encode_image(images), encoder.encode_image(images)
+        assert (mixed.product_embedding_from(ref) - encoder.product_embedding_from(got)).abs().max() < TOL
+        assert (mixed.image_text_scores(ref, texts) - encoder.image_text_scores(got, texts)).abs().max() < TOL
+        # and it is the mix, not the instances alone
+        mixed.config.readout = "instance"
+        assert (mixed.product_embedding_from(ref) - encoder.product_embedding_from(got)).abs().max() > 1e-2
+
+
 def test_tokenizer_json_is_enough_to_tokenise(model, exported):
     """The json describes the tokenizer fully: a re-implementation from it alone (no torch, no
     eclip) gives the ids the model was exported with."""

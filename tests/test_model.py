@@ -70,6 +70,7 @@ def test_selection_softmax_and_max():
 def test_product_embedding_follows_productness():
     torch.manual_seed(3)
     model = ECLIP(micro_config()).eval()
+    model.config.readout = "instance"  # the decoder alone (the default mixes in the global head)
     with torch.no_grad():
         model.productness_head.weight.zero_()
         model.productness_head.bias.zero_()
@@ -78,6 +79,66 @@ def test_product_embedding_follows_productness():
     # with flat productness the product embedding is the normalised mean of the instances
     expected = torch.nn.functional.normalize(enc.instances.mean(1), dim=-1)
     torch.testing.assert_close(model.product_embedding(images), expected)
+
+
+def test_readouts_of_product_embedding_and_scores(tmp_path):
+    from eclip.model.eclip import text_guided_embedding
+
+    torch.manual_seed(4)
+    model = ECLIP(micro_config()).eval()
+    model.config.readout = "instance"
+    images = torch.randn(3, 3, 32, 32)
+    texts = model.encode_text(["red tee", "blue mug", "green hat"])
+    enc = model.encode_image(images)
+    instance = model.product_embedding_from(enc)
+    instance_scores = model.image_text_scores(enc, texts)
+    torch.testing.assert_close(instance_scores, select_instances(enc.instances, texts, "softmax", 0.1)[0])
+    guided = text_guided_embedding(enc, texts, model.config)  # image i guided by text i
+    _, weights = select_instances(enc.instances, texts, "softmax", 0.1)
+    expected = torch.nn.functional.normalize(torch.einsum("bm,bmd->bd", weights[[0, 1, 2], [0, 1, 2]], enc.instances), dim=-1)
+    torch.testing.assert_close(guided, expected)
+
+    model.config.readout = "global"
+    torch.testing.assert_close(model.product_embedding_from(enc), enc.global_embedding)
+    torch.testing.assert_close(model.image_text_scores(enc, texts), enc.global_embedding @ texts.T)
+    torch.testing.assert_close(text_guided_embedding(enc, texts, model.config), enc.global_embedding)
+
+    model.config.readout = "mix"
+    mixed = model.product_embedding_from(enc)
+    torch.testing.assert_close(mixed, torch.nn.functional.normalize(instance + enc.global_embedding, dim=-1))
+    torch.testing.assert_close(mixed.norm(dim=-1), torch.ones(3))
+    # the mix lies between its parts: closer to each than they are to each other
+    assert ((mixed * instance).sum(-1) >= (instance * enc.global_embedding).sum(-1) - 1e-6).all()
+    torch.testing.assert_close(model.image_text_scores(enc, texts), (instance_scores + enc.global_embedding @ texts.T) / 2)
+    torch.testing.assert_close(
+        text_guided_embedding(enc, texts, model.config),
+        torch.nn.functional.normalize(guided + enc.global_embedding, dim=-1),
+    )
+
+    # saved with the model; a config written before the field reads the decoder alone
+    eclip.save_model(model, tmp_path / "m")
+    assert eclip.load_model(tmp_path / "m").config.readout == "mix"
+    from eclip.config import from_dict, to_dict
+
+    assert ModelConfig().readout == "mix"  # new models read both
+    saved = to_dict(micro_config())
+    del saved["readout"]  # a config.json written before the field: what that model served
+    assert from_dict(ModelConfig, saved).readout == "instance"
+    with pytest.raises(ValueError, match="readout"):
+        ModelConfig(readout="average")
+    model.config.readout = "average"  # set past the constructor: caught where it is read
+    with pytest.raises(ValueError, match="readout"):
+        model.product_embedding_from(enc)
+
+
+def test_baseline_reads_global_whatever_the_readout():
+    model = ECLIP(micro_config(decoder=False)).eval()
+    enc = model.encode_image(torch.randn(2, 3, 32, 32))
+    texts = model.encode_text(["red tee"])
+    for readout in ("instance", "global", "mix"):
+        model.config.readout = readout
+        torch.testing.assert_close(model.product_embedding_from(enc), enc.global_embedding)
+        torch.testing.assert_close(model.image_text_scores(enc, texts), enc.global_embedding @ texts.T)
 
 
 def test_baseline_has_no_decoder_and_grounds_with_tokens():

@@ -108,6 +108,7 @@ class BoxRule:
 # keeps the top fifth of its range (0.06 against 0.03 at half the maximum).
 ATTENTION_BOX_RULE = BoxRule(relative_to="mean", threshold=1.0, region="largest")
 TOKEN_SIMILARITY_BOX_RULE = BoxRule(relative_to="max", threshold=0.8, region="union")
+READOUTS = ("instance", "global", "mix")
 
 
 @dataclass
@@ -124,6 +125,18 @@ class ModelConfig:
     # The grounding box rule; None: the default for the model's map (`box_rule`), which is
     # also what configs saved before this field get.
     box: BoxRule | None = None
+    # What a decoder model serves as its product embedding and its image-text score
+    # (`READOUTS`): "instance" reads the decoder alone (DESIGN.md: productness-weighted
+    # instances, text-guided selection); "global" the global head alone; "mix" both, the two
+    # unit vectors summed and the two scores averaged (the default, chosen on training splits:
+    # README, Design notes, "Readout"). Training is the same for all three; the baseline (no
+    # decoder) always reads the global head. Configs saved before this field load as
+    # "instance", which is what those models served.
+    readout: str = field(default="mix", metadata={"if_missing": "instance"})
+
+    def __post_init__(self) -> None:
+        if self.readout not in READOUTS:
+            raise ValueError(f"ModelConfig.readout must be one of {READOUTS}, not {self.readout!r}")
 
     @property
     def has_decoder(self) -> bool:
@@ -255,7 +268,8 @@ def from_dict(cls: type, data: dict | None) -> Any:
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-    kwargs = {}
+    # a field added later may read differently for configs saved before it (`if_missing`)
+    kwargs = {n: f.metadata["if_missing"] for n, f in known.items() if "if_missing" in f.metadata and n not in data}
     for name, value in data.items():
         sub = _dataclass_type(cls, name)
         kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value

@@ -41,6 +41,8 @@ def _eval(args) -> int:
     from .report import comparison_table
 
     model = load_model(args.model)
+    if args.readout:
+        model.config.readout = args.readout
     products, _ = load_catalog(args.catalog)
     results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json)
     if args.json:
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
     ev.add_argument("--catalog", required=True, help="held-out catalog (JSON Lines)")
     ev.add_argument("--batch-size", type=int, default=128)
+    ev.add_argument("--readout", choices=("instance", "global", "mix"), help="what a decoder model is read by (default: its config's readout)")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import READOUTS, ModelConfig
 from .decoder import InstanceDecoder
 from .grounding import box_from_heatmap, upsample_heatmap
 from .towers import build_text_tower, build_vision_tower
@@ -49,6 +49,57 @@ def select_instances(
         scores, index = sims.max(dim=-1)
         return scores, F.one_hot(index, sims.shape[-1]).to(sims.dtype)
     raise ValueError(f"unknown selection mode {mode!r} (softmax or max)")
+
+
+def product_embedding(encoding: ImageEncoding, readout: str = "instance") -> torch.Tensor:
+    """One unit vector per image, no text needed (`ModelConfig.readout`): the instances
+    weighted by productness, the global embedding, or the two summed and renormalised."""
+    if encoding.instances is None or readout == "global":
+        return encoding.global_embedding
+    weights = encoding.productness.softmax(dim=-1)  # (B, M)
+    instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+    if readout == "instance":
+        return instance
+    if readout == "mix":
+        return F.normalize(instance + encoding.global_embedding, dim=-1)
+    raise ValueError(f"unknown readout {readout!r}; choose from {READOUTS}")
+
+
+def image_text_scores(
+    encoding: ImageEncoding, texts: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    """(B, T) image-text similarity for zero-shot search and classification
+    (`ModelConfig.readout`): the text-guided instance score, the global cosine, or their mean.
+    The baseline always reads the global cosine."""
+    global_scores = encoding.global_embedding @ texts.T
+    if encoding.instances is None or config.readout == "global":
+        return global_scores
+    instance_scores, _ = select_instances(
+        encoding.instances, texts, config.selection, config.selection_temperature
+    )
+    if config.readout == "instance":
+        return instance_scores
+    if config.readout == "mix":
+        return (instance_scores + global_scores) / 2
+    raise ValueError(f"unknown readout {config.readout!r}; choose from {READOUTS}")
+
+
+def text_guided_embedding(
+    encoding: ImageEncoding, texts: torch.Tensor, config: ModelConfig
+) -> torch.Tensor:
+    """(B, D) the image side of an image-plus-text query: the instance that text i selects in
+    image i rather than the productness choice, combined with the global embedding as
+    `config.readout` says."""
+    if encoding.instances is None or config.readout == "global":
+        return encoding.global_embedding
+    _, weights = select_instances(
+        encoding.instances, texts, config.selection, config.selection_temperature
+    )  # (B, T, M)
+    weights = weights[torch.arange(len(texts)), torch.arange(len(texts))]  # (B, M): text i, image i
+    instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+    if config.readout == "mix":
+        return F.normalize(instance + encoding.global_embedding, dim=-1)
+    return instance
 
 
 class LogitScale(nn.Module):
@@ -156,18 +207,13 @@ class ECLIP(nn.Module):
         )
 
     def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor) -> torch.Tensor:
-        """(B, T) similarity used for zero-shot search and classification: the text-guided
-        instance score with a decoder, the global cosine without (the baseline)."""
-        if encoding.instances is None:
-            return encoding.global_embedding @ texts.T
-        return self.select(encoding, texts)[0]
+        """(B, T) similarity used for zero-shot search and classification, read as
+        `config.readout` says (the module function `image_text_scores`)."""
+        return image_text_scores(encoding, texts, self.config)
 
     def product_embedding_from(self, encoding: ImageEncoding) -> torch.Tensor:
-        """One vector per image with no text: the instances weighted by productness."""
-        if encoding.instances is None:
-            return encoding.global_embedding
-        weights = encoding.productness.softmax(dim=-1)  # (B, M)
-        return F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+        """One vector per image with no text, read as `config.readout` says."""
+        return product_embedding(encoding, self.config.readout)
 
     @torch.no_grad()
     def product_embedding(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,14 @@ from torch import nn
 
 from eclip.config import ModelConfig, from_dict, to_dict
 from eclip.io import CONFIG_NAME
-from eclip.model.eclip import ECLIP, Grounding, ImageEncoding, select_instances
+from eclip.model.eclip import (
+    ECLIP,
+    Grounding,
+    ImageEncoding,
+    image_text_scores,
+    product_embedding,
+    select_instances,
+)
 from eclip.model.grounding import box_from_heatmap, upsample_heatmap
 from eclip.model.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, HashTokenizer
 
@@ -284,19 +291,14 @@ class OnnxEncoder:
         product = getattr(encoding, "product", None)
         if product is not None:
             return product
-        if encoding.instances is None:
-            return encoding.global_embedding
-        weights = encoding.productness.softmax(dim=-1)
-        return torch.nn.functional.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+        return product_embedding(encoding, self.config.readout)
 
     def select(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert encoding.instances is not None
         return select_instances(encoding.instances, texts, self.config.selection, self.config.selection_temperature)
 
     def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor) -> torch.Tensor:
-        if encoding.instances is None:
-            return encoding.global_embedding @ texts.T
-        return self.select(encoding, texts)[0]
+        return image_text_scores(encoding, texts, self.config)
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if encoding.attention is None:

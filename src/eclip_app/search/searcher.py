@@ -26,7 +26,7 @@ from PIL import Image
 
 from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.io import load_model
-from eclip.model.eclip import ECLIP
+from eclip.model.eclip import ECLIP, text_guided_embedding
 
 from .index import Hit, IndexFolderError, ProductIndex
 
@@ -95,13 +95,10 @@ class Searcher:
         """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
         encoding = self.model.encode_image(self._pixels([image]))
         text_vec = self.model.encode_text([text])  # (1, D)
-        if self.field == "product" and encoding.instances is not None:
-            _, weights = self.model.select(encoding, text_vec)  # (1, 1, M)
-            image_vec = F.normalize(torch.einsum("btm,bmd->btd", weights, encoding.instances)[:, 0], dim=-1)
-        elif self.field == "global":
+        if self.field == "global":
             image_vec = encoding.global_embedding
         else:
-            image_vec = self.model.product_embedding_from(encoding)
+            image_vec = text_guided_embedding(encoding, text_vec, self.model.config)
         query = F.normalize((1 - text_weight) * image_vec + text_weight * text_vec, dim=-1)
         return query[0].float().cpu().numpy()
 
