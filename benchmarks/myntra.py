@@ -102,6 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); on a loaded machine 1 is faster")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--reevaluate",
+        choices=("instance", "global", "mix"),
+        help="no training: read WORK's trained ECLIP with this readout on the held-out split",
+    )
     args = p.parse_args(argv)
     if args.quick:
         # only the sizes that the user left at their defaults shrink
@@ -262,6 +267,25 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def reevaluate(work: Path, args: argparse.Namespace) -> int:
+    """Read the ECLIP model a finished run saved with another readout (`ModelConfig.readout`,
+    chosen on training products: tools/readout_study.py) on the same held-out products and
+    scenes; training is untouched by the readout, so nothing is retrained."""
+    from eclip.io import load_model
+
+    heldout, _ = load_catalog(work / "heldout.jsonl")
+    heldout_scenes, _ = load_catalog(work / "heldout_scenes" / "catalog.jsonl")
+    model = load_model(work / "eclip" / "model").eval()
+    model.config.readout = args.reevaluate
+    results, _ = evaluate_all(model, heldout, heldout_scenes, None, args)
+    out = work / f"reevaluated_{args.reevaluate}.json"
+    out.write_text(json.dumps({"readout": args.reevaluate, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                               "machine": machine(), "eclip": results}, indent=2))
+    print(markdown_table({"eclip": results}).replace("ECLIP fine-tuned", f"ECLIP fine-tuned, readout {args.reevaluate}"))
+    print(f"results: {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -280,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
+    if args.reevaluate:
+        return reevaluate(work, args)
     work.mkdir(parents=True, exist_ok=True)
     begin = time.time()
     timings: dict[str, float] = {}
