@@ -141,6 +141,28 @@ def test_baseline_reads_global_whatever_the_readout():
         torch.testing.assert_close(model.image_text_scores(enc, texts), enc.global_embedding @ texts.T)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_memory_grad_scale_limits_what_instances_teach_the_vision_tower(scale):
+    images = torch.randn(2, 3, 32, 32)
+
+    def vision_grads(memory_grad_scale: float):
+        torch.manual_seed(5)
+        config = micro_config()
+        config.decoder.memory_grad_scale = memory_grad_scale
+        model = ECLIP(config)
+        enc = model.encode_image(images)
+        (enc.instances.square().sum() + enc.productness.sum()).backward()  # the decoder's outputs only
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.vision.parameters()]
+        return enc.instances.detach(), grads
+
+    full_instances, full = vision_grads(1.0)
+    instances, scaled = vision_grads(scale)
+    torch.testing.assert_close(instances, full_instances)  # the forward pass is unchanged
+    assert sum(g.abs().sum() for g in full) > 0
+    for a, b in zip(scaled, full):
+        torch.testing.assert_close(a, scale * b)
+
+
 def test_baseline_has_no_decoder_and_grounds_with_tokens():
     model = ECLIP(micro_config(decoder=False)).eval()
     assert model.decoder is None

@@ -87,6 +87,10 @@ class DecoderConfig:
     width: int = 128
     heads: int = 4
     mlp_ratio: float = 4.0
+    # How much of the instance objectives' gradient reaches the vision tower through the
+    # memory the queries read: 1 all of it (the paper's joint training), 0 none (the tower is
+    # trained by the global objective alone, the decoder learns on top of it).
+    memory_grad_scale: float = 1.0
 
 
 @dataclass

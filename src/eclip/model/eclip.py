@@ -51,6 +51,15 @@ def select_instances(
     raise ValueError(f"unknown selection mode {mode!r} (softmax or max)")
 
 
+def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x unchanged in the forward pass; its gradient multiplied by `scale` in the backward."""
+    if scale == 1.0:
+        return x
+    if scale == 0.0:
+        return x.detach()
+    return x.detach() + (x - x.detach()) * scale
+
+
 def product_embedding(encoding: ImageEncoding, readout: str = "instance") -> torch.Tensor:
     """One unit vector per image, no text needed (`ModelConfig.readout`): the instances
     weighted by productness, the global embedding, or the two summed and renormalised."""
@@ -166,7 +175,7 @@ class ECLIP(nn.Module):
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:
-            memory = features.level(self.config.decoder.memory_level)
+            memory = scale_gradient(features.level(self.config.decoder.memory_level), self.config.decoder.memory_grad_scale)
             hidden, attn = self.decoder(memory, features.grid)  # (B,M,C), (B,M,N)
             instances = F.normalize(self.instance_head(hidden), dim=-1)
             productness = self.productness_head(hidden).squeeze(-1)
