@@ -102,3 +102,14 @@ def test_short_training_learns_and_grounds(synth_catalog, tmp_path):
     grounding = {k: round(v, 3) for k, v in metrics.items() if k.startswith("grounding")}
     assert metrics["grounding_mean_iou"] > metrics["grounding_mean_iou_random_box"] + 0.03, grounding
     assert metrics["grounding_pointing"] > metrics["grounding_pointing_random"] + 0.1, grounding
+
+
+def test_grad_clip_zero_turns_clipping_off(synth_catalog, tmp_path):
+    """grad_clip=0 means no clipping (not a zero gradient): the same run as an unreachable limit."""
+    free = train(_config(synth_catalog["train"], tmp_path / "a", 3, grad_clip=0.0), progress=False)
+    unreachable = train(_config(synth_catalog["train"], tmp_path / "b", 3, grad_clip=1e9), progress=False)
+    clipped = train(_config(synth_catalog["train"], tmp_path / "c", 3, grad_clip=1e-3), progress=False)
+    assert free.history[0]["grad_norm"] > 1e-2  # the norm before clipping is still logged
+    losses = [[r["loss_total"] for r in run.history] for run in (free, unreachable, clipped)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert losses[0][-1] != pytest.approx(losses[2][-1], rel=1e-4)

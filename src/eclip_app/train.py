@@ -63,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off (the norm is still logged)
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -415,7 +415,8 @@ def train(
             data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
             result = step_fn(batch, tokens)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip) if result.finite else torch.tensor(float("nan"))
+            max_norm = config.grad_clip if config.grad_clip > 0 else math.inf  # inf: measure, do not clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if result.finite else torch.tensor(float("nan"))
             grad_norm_value = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
             finite = result.finite and math.isfinite(grad_norm_value)
             if finite:
