@@ -96,6 +96,21 @@ def test_total_is_weighted_sum_and_clip_preset_is_global_only():
         ECLIPLoss(objective_preset("eclip"))(baseline, enc_b, texts_b, image_pids, text_pids)
 
 
+def test_instance_objectives_ramp_in_over_their_warmup():
+    assert LossConfig().instance_ramp(1) == 1.0  # no warm-up: full weights from the start
+    cfg = LossConfig(inter_weight=0.5, instance_warmup_steps=10)
+    assert [cfg.instance_ramp(s) for s in (1, 5, 10, 50)] == [0.1, 0.5, 1.0, 1.0]
+    torch.manual_seed(2)
+    model = ECLIP(micro_config())
+    encoding, texts, image_pids, text_pids = _batch(model)
+    criterion = ECLIPLoss(cfg)
+    criterion.set_step(4)
+    losses = criterion(model, encoding, texts, image_pids, text_pids)
+    instance = 0.5 * losses["inter"] + losses["intra"] + losses["productness"]
+    torch.testing.assert_close(losses["total"], losses["global"] + 0.4 * instance)
+    assert losses["inter"] > 0  # still computed (and logged) at full value
+
+
 def test_productness_is_zero_when_it_matches_selection():
     torch.manual_seed(2)
     model = ECLIP(micro_config())

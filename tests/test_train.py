@@ -25,10 +25,15 @@ def _config(catalog, out, steps, objective="eclip", **fields):
     return config
 
 
-def test_resume_equals_straight_run(synth_catalog, tmp_path):
-    """N steps, a stop, a resume to 2N: the same weights and log as 2N steps straight."""
-    straight = train(_config(synth_catalog["train"], tmp_path / "a", 6), progress=False)
+@pytest.mark.parametrize("instance_warmup", [0, 5])
+def test_resume_equals_straight_run(synth_catalog, tmp_path, instance_warmup):
+    """N steps, a stop, a resume to 2N: the same weights and log as 2N steps straight (also
+    when the stop falls inside the instance objectives' warm-up)."""
+    straight_config = _config(synth_catalog["train"], tmp_path / "a", 6)
+    straight_config.loss.instance_warmup_steps = instance_warmup
+    straight = train(straight_config, progress=False)
     config = _config(synth_catalog["train"], tmp_path / "b", 6)
+    config.loss.instance_warmup_steps = instance_warmup
     train(config, progress=False, stop_at=3)  # as if killed right after the step-3 checkpoint
     assert [p.name for p in list_checkpoints(tmp_path / "b")][-1] == "step_00000003"
     resumed = train(config, resume=True, progress=False)
@@ -37,6 +42,8 @@ def test_resume_equals_straight_run(synth_catalog, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert [r["loss_total"] for r in log] == pytest.approx([r["loss_total"] for r in straight.history], rel=1e-4)
+    if instance_warmup:
+        assert [r["instance_ramp"] for r in log] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
 
 
 def test_checkpoints_are_complete_and_pruned(synth_catalog, tmp_path):

@@ -173,6 +173,17 @@ class LossConfig:
     # instances, not the text tower through the selection weights (which would let it bend
     # the titles towards whatever matches images, at the cost of image-text alignment).
     intra_detach_selection: bool = True
+    # The instance objectives (inter, intra, productness) ramp in linearly over this many
+    # steps; 0 applies their full weights from the first step. Contrastive training from
+    # scratch starts on a plateau (loss near log(batch)) that the global objective has to
+    # leave first; instance objectives from step 1 keep ECLIP there longer than CLIP.
+    instance_warmup_steps: int = 0
+
+    def instance_ramp(self, step: int) -> float:
+        """The factor on the instance objectives' weights at `step` (1-based)."""
+        if self.instance_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, step / self.instance_warmup_steps)
 
 
 # ----------------------------------------------------------------------------- presets

@@ -53,6 +53,12 @@ class ECLIPLoss(nn.Module):
         if config.intra_mode not in ("cross_image", "within_image"):
             raise ValueError(f"unknown intra_mode {config.intra_mode!r}")
         self.config = config
+        self.instance_ramp = 1.0  # set per step by `set_step` (LossConfig.instance_warmup_steps)
+
+    def set_step(self, step: int) -> None:
+        """The training step (1-based) about to be taken: a pure function of it, so a resumed
+        run ramps exactly as a straight one."""
+        self.instance_ramp = self.config.instance_ramp(step)
 
     def forward(
         self,
@@ -91,11 +97,12 @@ class ECLIPLoss(nn.Module):
                 log_pred = encoding.productness.log_softmax(dim=-1)
                 losses["productness"] = F.kl_div(log_pred, target, reduction="batchmean")
 
+        ramp = self.instance_ramp
         weights_by_name = {
             "global": cfg.global_weight,
-            "inter": cfg.inter_weight,
-            "intra": cfg.intra_weight,
-            "productness": cfg.productness_weight,
+            "inter": cfg.inter_weight * ramp,
+            "intra": cfg.intra_weight * ramp,
+            "productness": cfg.productness_weight * ramp,
         }
         losses["total"] = sum(weights_by_name[name] * value for name, value in losses.items())
         return losses

@@ -414,6 +414,7 @@ def train(
             tokens = model.tokenizer(batch.titles)
             data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
+            criterion.set_step(step + 1)
             result = step_fn(batch, tokens)
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf  # inf: measure, do not clip
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if result.finite else torch.tensor(float("nan"))
@@ -443,6 +444,7 @@ def train(
                     "step": step,
                     **{f"loss_{k}": round(v, 5) for k, v in result.losses.items()},
                     "lr": scheduler.get_last_lr()[0],
+                    **({"instance_ramp": criterion.instance_ramp} if config.loss.instance_warmup_steps > 0 else {}),
                     **{f"lr_group{i}": lr for i, lr in enumerate(scheduler.get_last_lr())},
                     "grad_norm": round(grad_norm_value, 4),
                     **window.read(env.world_size),
