@@ -54,6 +54,7 @@ from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
 from eclip.data.compose import ComposeConfig, compose_catalog  # noqa: E402
 from eclip.data.csv_import import csv_to_catalog  # noqa: E402
 from eclip.evaluation import evaluate  # noqa: E402
+from eclip.io import load_model  # noqa: E402
 from eclip.model import ECLIP  # noqa: E402
 from eclip.scene_eval import evaluate_scenes  # noqa: E402
 from eclip_app.optim import OptimConfig  # noqa: E402
@@ -271,8 +272,6 @@ def reevaluate(work: Path, args: argparse.Namespace) -> int:
     """Read the ECLIP model a finished run saved with another readout (`ModelConfig.readout`,
     chosen on training products: tools/readout_study.py) on the same held-out products and
     scenes; training is untouched by the readout, so nothing is retrained."""
-    from eclip.io import load_model
-
     heldout, _ = load_catalog(work / "heldout.jsonl")
     heldout_scenes, _ = load_catalog(work / "heldout_scenes" / "catalog.jsonl")
     model = load_model(work / "eclip" / "model").eval()

@@ -280,17 +280,10 @@ def run_heldout(args) -> None:
     heldout, _ = load_catalog(args.data / "heldout.jsonl")
     keys = ["grounding_acc50", "grounding_mean_iou", "grounding_pointing", "same_product_map_r", "same_product_r1"]
     new = {}
-    library_box = evaluation.box_from_heatmap
     for name in ("eclip", "clip"):
         model = load_model(args.runs / name / "model")
         print(f"{name}: box rule {model.config.box_rule()}")
-        # evaluate() boxes with the bare half-maximum default; give it the model's rule
-        # (the change evaluate() itself needs: model.box_from_heatmap(heatmap))
-        evaluation.box_from_heatmap = model.box_from_heatmap
-        try:
-            new[name] = evaluation.evaluate(model, heldout, progress=False)
-        finally:
-            evaluation.box_from_heatmap = library_box
+        new[name] = evaluation.evaluate(model, heldout, progress=False)  # boxes by the model's rule
     print("\n## held-out (library evaluation)\n")
     print("| metric | eclip before | eclip after | clip before | clip after |")
     print("|---|---|---|---|---|")

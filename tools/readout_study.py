@@ -76,30 +76,43 @@ def main() -> None:
         clean, scenes = products, None
     print(f"{args.catalog}: {len(products)} training products sampled (seed {args.seed})")
 
-    results: dict[str, dict] = {}
-    for spec in args.model:
-        name, folder = spec.split("=", 1)
-        model = load_model(folder).eval()
-        readouts = READOUTS if model.config.has_decoder else ("global",)
-        for readout in readouts:
-            begin = time.time()
-            model.config.readout = readout
-            row = evaluate(model, clean, progress=False)
-            if scenes is not None:
-                row |= evaluate_scenes(model, scenes, clean, progress=False, ground=False)
-            results[f"{name}, {readout}"] = row
-            print(f"{name}, {readout}: {time.time() - begin:.0f} s", flush=True)
-
+    results = evaluate_readouts(args.model, READOUTS, clean, scenes)
     attributes = sorted({k for r in results.values() for k in r if k.startswith("attribute_") and k.endswith("_top1")})
     shown = [(k.removeprefix("attribute_").removesuffix("_top1") + " top-1", k) for k in attributes]
-    shown = COLUMNS[:1] + shown + COLUMNS[1:]
-    shown = [(title, key) for title, key in shown if any(key in r for r in results.values())]
-    print("\n| model, readout | " + " | ".join(t for t, _ in shown) + " |")
-    print("|---|" + "---|" * len(shown))
-    for name, row in results.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for _, k in shown) + " |")
+    print("\n" + markdown_table(results, COLUMNS[:1] + shown + COLUMNS[1:], "model, readout"))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def evaluate_readouts(specs: list[str], readouts, products, scenes=None) -> dict[str, dict]:
+    """{"NAME, readout": metrics} for each NAME=DIR model and each readout (a model without a
+    decoder: "global" only), by `evaluate` (and `evaluate_scenes` without grounding)."""
+    results: dict[str, dict] = {}
+    for spec in specs:
+        name, folder = spec.split("=", 1)
+        model = load_model(folder).eval()
+        for readout in readouts if model.config.has_decoder else ("global",):
+            begin = time.time()
+            model.config.readout = readout
+            row = evaluate(model, products, progress=False)
+            if scenes is not None:
+                row |= evaluate_scenes(model, scenes, products, progress=False, ground=False)
+            results[f"{name}, {readout}"] = row
+            print(f"{name}, {readout}: {time.time() - begin:.0f} s", flush=True)
+    return results
+
+
+def markdown_table(rows: dict[str, dict], columns: list[tuple[str, str]], first: str) -> str:
+    """The columns (title, key) that some row has; a row's missing key is an empty cell."""
+    shown = [(title, key) for title, key in columns if any(key in r for r in rows.values())]
+    lines = [f"| {first} | " + " | ".join(t for t, _ in shown) + " |", "|---|" + "---|" * len(shown)]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row[k]) if k in row else "" for _, k in shown) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

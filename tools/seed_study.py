@@ -16,15 +16,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))  # tools/ is not a package
 
 import torch  # noqa: E402
+from readout_study import evaluate_readouts, markdown_table  # noqa: E402
 
 from eclip.data import load_catalog  # noqa: E402
-from eclip.evaluation import evaluate  # noqa: E402
-from eclip.io import load_model  # noqa: E402
 
 COLUMNS = [
     ("same-product mAP@R", "same_product_map_r"),
@@ -45,36 +46,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     products, _ = load_catalog(args.catalog)
+    runs = evaluate_readouts(args.model, args.readouts.split(","), products)
+    print("\n" + markdown_table(runs, COLUMNS, "run"))
 
-    runs: dict[str, dict] = {}
-    for spec in args.model:
-        name, folder = spec.split("=", 1)
-        model = load_model(folder).eval()
-        readouts = args.readouts.split(",") if model.config.has_decoder else ["global"]
-        for readout in readouts:
-            model.config.readout = readout
-            runs[f"{name}, {readout}"] = evaluate(model, products, progress=False)
-            print(f"{name}, {readout} done", flush=True)
-
-    shown = [(t, k) for t, k in COLUMNS if any(k in r for r in runs.values())]
-    header = "| run | " + " | ".join(t for t, _ in shown) + " |\n|---|" + "---|" * len(shown)
-    print("\n" + header)
-    for name, row in runs.items():
-        print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for _, k in shown) + " |")
     groups: dict[str, list[dict]] = {}
     for name, row in runs.items():
         arm_seed, readout = name.split(", ")
         groups.setdefault(f"{arm_seed.split('@')[0]}, {readout}", []).append(row)
-    print("\nmean ± sd over seeds (n runs)\n\n" + header.replace("| run |", "| arm, readout |"))
-    summary = {}
+    summary: dict[str, dict] = {}
+    cells: dict[str, dict] = {}
     for group, rows in groups.items():
-        cells, summary[group] = [], {}
-        for _, key in shown:
-            values = [r[key] for r in rows]
+        summary[group], cells[f"{group} (n={len(rows)})"] = {}, {}
+        for _, key in COLUMNS:
+            values = [r[key] for r in rows if key in r]
+            if not values:
+                continue
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[group][key] = {"mean": statistics.mean(values), "sd": sd, "values": values}
-            cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
-        print(f"| {group} (n={len(rows)}) | " + " | ".join(cells) + " |")
+            cells[f"{group} (n={len(rows)})"][key] = f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    print("\nmean ± sd over seeds (n runs)\n\n" + markdown_table(cells, COLUMNS, "arm, readout"))
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "summary": summary}, indent=2))
 

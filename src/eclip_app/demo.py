@@ -84,6 +84,7 @@ def run_demo(
         "peak_memory_gib": round(peak_memory_gib(), 2), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
     atomic_write_text(out / "results.json", json.dumps({**results, "meta": meta}, indent=2))
+    eclip_readout = runs["eclip"].config.readout
     report = f"""# eclip demo
 
 ShopSynth catalog of {size.products} products x 3 listing images (seed {seed}); {len(heldout)} held-out
@@ -92,8 +93,9 @@ contrastive objective only) trained with the same data, {steps} steps and seed.
 
 {table}
 
-ECLIP reads the product embedding from its productness-selected instance and grounds with the
-selected query's cross-attention; the baseline uses its global embedding and grounds with the
+ECLIP serves its product embedding and text scores by its readout (`{eclip_readout}`: "mix" sums
+the productness-weighted instance and the global embedding) and grounds with the selected
+query's cross-attention; the baseline uses its global embedding and grounds with the
 similarity of the text to each projected visual token (MaskCLIP-style). Boxes: each map's rule
 (`ModelConfig.box_rule()`, chosen on the train split): ECLIP keeps the pixels above the map's
 mean and boxes the largest connected region; the baseline keeps the top fifth of its map's range

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import READOUTS, ModelConfig
 from .decoder import InstanceDecoder
-from .grounding import box_from_heatmap, upsample_heatmap
+from .grounding import box_by_rule, upsample_heatmap
 from .towers import build_text_tower, build_vision_tower
 
 
@@ -67,10 +67,15 @@ def product_embedding(encoding: ImageEncoding, readout: str = "instance") -> tor
         return encoding.global_embedding
     weights = encoding.productness.softmax(dim=-1)  # (B, M)
     instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+    return _instance_or_mix(instance, encoding.global_embedding, readout)
+
+
+def _instance_or_mix(instance: torch.Tensor, global_embedding: torch.Tensor, readout: str) -> torch.Tensor:
+    """The instance embedding as it is, or summed with the global one and renormalised."""
     if readout == "instance":
         return instance
     if readout == "mix":
-        return F.normalize(instance + encoding.global_embedding, dim=-1)
+        return F.normalize(instance + global_embedding, dim=-1)
     raise ValueError(f"unknown readout {readout!r}; choose from {READOUTS}")
 
 
@@ -106,9 +111,7 @@ def text_guided_embedding(
     )  # (B, T, M)
     weights = weights[torch.arange(len(texts)), torch.arange(len(texts))]  # (B, M): text i, image i
     instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
-    if config.readout == "mix":
-        return F.normalize(instance + encoding.global_embedding, dim=-1)
-    return instance
+    return _instance_or_mix(instance, encoding.global_embedding, config.readout)
 
 
 class LogitScale(nn.Module):
@@ -247,8 +250,7 @@ class ECLIP(nn.Module):
         """The box of one upsampled map in [0, 1] (`upsample_heatmap`), by this model's rule
         (`ModelConfig.box_rule()`: above the mean of an attention map, the top fifth of a
         token-similarity map)."""
-        rule = self.config.box_rule()
-        return box_from_heatmap(heatmap, rule.threshold, rule.relative_to, rule.region)
+        return box_by_rule(heatmap, self.config.box_rule())
 
     @torch.no_grad()
     def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..config import BoxRule
+
 
 def upsample_heatmap(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) -> (B, H, W), bilinear, rescaled to [0, 1] per map."""
@@ -67,3 +69,8 @@ def peak_point(heatmap: np.ndarray) -> tuple[float, float]:
     h, w = heatmap.shape
     y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     return (float((x + 0.5) / w), float((y + 0.5) / h))
+
+
+def box_by_rule(heatmap: np.ndarray, rule: BoxRule) -> tuple[float, float, float, float]:
+    """`box_from_heatmap` with a model's rule (`ModelConfig.box_rule()`)."""
+    return box_from_heatmap(heatmap, rule.threshold, rule.relative_to, rule.region)

@@ -34,7 +34,7 @@ from eclip.model.eclip import (
     product_embedding,
     select_instances,
 )
-from eclip.model.grounding import box_from_heatmap, upsample_heatmap
+from eclip.model.grounding import box_by_rule, upsample_heatmap
 from eclip.model.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, HashTokenizer
 
 IMAGE_FILE = "image_encoder.onnx"
@@ -309,13 +309,15 @@ class OnnxEncoder:
         index = sims.argmax(dim=-1)
         return encoding.attention[torch.arange(len(index)), index], index
 
+    def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
+        return box_by_rule(heatmap, self.config.box_rule())
+
     def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:
         encoding = self.encode_image(images)
         text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
         maps, index = self.heatmaps_from(encoding, text_emb)
         heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        rule = self.config.box_rule()
-        boxes = [box_from_heatmap(h.numpy(), rule.threshold, rule.relative_to, rule.region) for h in heatmaps]
+        boxes = [self.box_from_heatmap(h.numpy()) for h in heatmaps]
         return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
 
     @property

@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip.evaluation import PROMPTS
-from eclip.model.grounding import box_from_heatmap, upsample_heatmap
+from eclip.model.grounding import upsample_heatmap
 
 from .index import ProductIndex
 from .searcher import Searcher
@@ -210,13 +210,12 @@ class SearchService:
             encoding = self.model.encode_image(batch)
             maps, index = self.model.heatmaps_from(encoding, self.model.encode_text(texts))
             heat = upsample_heatmap(maps.float(), (self.image_size, self.image_size))
-        rule = self.model.config.box_rule()
         out = []
         for i, h in enumerate(heat.numpy()):
             grid = maps[i].float().numpy()
             grid = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
             out.append({
-                "box": [round(v, 4) for v in box_from_heatmap(h, rule.threshold, rule.relative_to, rule.region)],
+                "box": [round(v, 4) for v in self.model.box_from_heatmap(h)],
                 "query_index": None if index is None else int(index[i]),
                 "grid": np.round(grid, 3).tolist(),
                 "heatmap": h,
