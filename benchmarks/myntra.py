@@ -68,6 +68,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 COLUMNS = [
     ("subCategory top-1", "classification_top1"),
     ("subCategory macro-F1", "classification_macro_f1"),
+    ("subCategory linear probe", "linear_probe_category_top1"),
     ("colour top-1", "attribute_baseColour_top1"),
     ("colour macro-F1", "attribute_baseColour_macro_f1"),
     ("text→product R@10", "text_to_product_r10"),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from eclip.evaluation import macro_f1, random_box_baseline, ranks_metrics
+from eclip.evaluation import linear_probe, macro_f1, random_box_baseline, ranks_metrics
 
 
 def test_ranks_metrics_by_hand():
@@ -95,3 +95,31 @@ def test_attribute_classification_top1_and_macro_f1(tmp_path):
     # labels sorted: blue (f1 1), green (tp 2, fn 1: 0.8), red (tp 1, fp 1: 2/3)
     assert results["attribute_colour_macro_f1"] == pytest.approx((1 + 0.8 + 2 / 3) / 3)
     assert "attribute_size_top1" not in results  # one value: no classification to make
+
+
+def _probe_data(num_products: int = 120, images: int = 3, classes: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, num_products)
+    groups = np.repeat(np.arange(num_products), images)
+    return labels, groups, np.repeat(labels, images), rng
+
+
+def test_linear_probe_reads_a_label_the_features_hold():
+    import torch
+
+    product_labels, groups, labels, rng = _probe_data()
+    centres = rng.normal(size=(4, 16)) * 3
+    features = torch.from_numpy(centres[labels] + rng.normal(size=(len(labels), 16)))
+    assert linear_probe(features, labels, groups) > 0.95
+    noise = torch.from_numpy(rng.normal(size=(len(labels), 16)))
+    assert linear_probe(noise, labels, groups) < 0.45  # 4 classes: chance is 0.25
+
+
+def test_linear_probe_splits_by_product():
+    """Features that identify the product but not its class: a split by image would let the
+    probe memorise each product's label from its other images; split by product it cannot."""
+    import torch
+
+    product_labels, groups, labels, rng = _probe_data(num_products=60)
+    features = torch.from_numpy(np.eye(60)[groups] + 0.01 * rng.normal(size=(len(groups), 60)))
+    assert linear_probe(features, labels, groups) < 0.45

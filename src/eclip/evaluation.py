@@ -2,7 +2,8 @@
 
 One pass over the held-out images computes everything: category classification from
 prompt-ensembled label texts, text-to-product retrieval from the titles, same-product retrieval
-across listing images, and grounding of each image's own title against its true box.
+across listing images, grounding of each image's own title against its true box, and a linear
+probe of the category on the frozen product embeddings.
 """
 
 from __future__ import annotations
@@ -82,6 +83,53 @@ def random_box_baseline(boxes: list[tuple], seed: int = 0, trials: int = 20) -> 
     if not ious:
         return 0.0, 0.0
     return float(np.mean(np.array(ious) >= 0.5)), float(np.mean(ious))
+
+
+def fit_logistic_regression(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3, max_iter: int = 200
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, full batch L-BFGS with an L2 penalty: (D, C), (C,)."""
+    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def linear_probe(
+    features: torch.Tensor,  # (N, D) frozen embeddings
+    labels: np.ndarray,  # (N,) class index
+    groups: np.ndarray,  # (N,) product index: a product's images never straddle the two halves
+    seed: int = 0,
+) -> float:
+    """DESIGN.md's linear probe: accuracy of a logistic regression on frozen features, 2-fold by
+    product (fit on one half of the products, test on the other, then swapped; the two
+    accuracies averaged). Unlike zero-shot classification it needs no text: it says whether the
+    image embedding holds the label at all."""
+    classes, labels = np.unique(labels, return_inverse=True)
+    product_ids = np.unique(groups)
+    first_half = np.random.default_rng(seed).permutation(product_ids)[: len(product_ids) // 2]
+    in_first = np.isin(groups, first_half)
+    x, y = features.double(), torch.from_numpy(labels)
+    accuracies = []
+    for fit_on in (in_first, ~in_first):
+        fit, test = torch.from_numpy(fit_on), torch.from_numpy(~fit_on)
+        if not fit.any() or not test.any():
+            continue
+        mean, std = x[fit].mean(dim=0), x[fit].std(dim=0).clamp_min(1e-6)  # standardised on the fit half
+        z = (x - mean) / std
+        weight, bias = fit_logistic_regression(z[fit], y[fit], len(classes))
+        predicted = (z[test] @ weight + bias).argmax(dim=1)
+        accuracies.append(float((predicted == y[test]).double().mean()))
+    return float(np.mean(accuracies)) if accuracies else float("nan")
 
 
 def _label_attributes(products: list[Product], max_values: int = 50) -> dict[str, list[str]]:
@@ -168,6 +216,10 @@ def evaluate(
         results["classification_top1"] = float((predicted == truth)[keep].mean())
         results["classification_top5"] = float((top5 == truth[:, None]).any(axis=1)[keep].mean())
         results["classification_macro_f1"] = macro_f1(predicted[keep], truth[keep], len(categories))
+        if len(set(truth[keep].tolist())) >= 2:
+            results["linear_probe_category_top1"] = linear_probe(
+                torch.from_numpy(emb[keep]), truth[keep], image_pid[keep]
+            )
 
     for name, values in attribute_names.items():
         truth = np.array([values.index(str(products[p].attributes[name])) if name in products[p].attributes else -1 for p in image_pid])

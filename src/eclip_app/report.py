@@ -19,6 +19,7 @@ from eclip.model.eclip import ECLIP  # noqa: E402
 TABLE_ROWS = [
     ("classification_top1", "zero-shot classification top-1"),
     ("classification_macro_f1", "zero-shot classification macro-F1"),
+    ("linear_probe_category_top1", "category linear probe top-1"),
     ("attribute_colour_top1", "zero-shot colour top-1"),
     ("attribute_pattern_top1", "zero-shot pattern top-1"),
     ("text_to_product_r1", "text-to-product R@1"),
