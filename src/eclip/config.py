@@ -335,4 +335,6 @@ def _set_path(obj: Any, path: list[str], value: Any, assignment: str) -> None:
         raise ValueError(f"override {assignment!r}: expected true/false")
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):  # JSON has no tuples
+        value = tuple(value)
     setattr(obj, last, value)
