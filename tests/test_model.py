@@ -342,3 +342,39 @@ def test_level_of_a_tower_without_levels_is_an_error():
     assert features.level(-1) is features.tokens
     with pytest.raises(ValueError, match="level 2"):
         features.level(2)
+
+
+def test_convnet_tower_has_the_vit_interface(tmp_path):
+    """The ConvNeXt-style tower plugs in where the ViT does: tokens, grid, per-block levels, a
+    decoder reading an intermediate level, attention maps that are distributions, save/load."""
+    torch.manual_seed(7)
+    config = override(micro_config(), ["vision.kind=convnet", "vision.depth=2", "decoder.memory_level=1"])
+    model = ECLIP(config).eval()
+    images = torch.randn(3, 3, 32, 32)
+    enc = model.encode_image(images)
+    assert enc.grid == (4, 4) and enc.tokens.shape == (3, 16, 32)
+    assert enc.instances.shape == (3, 4, 16) and enc.attention.shape == (3, 4, 4, 4)
+    torch.testing.assert_close(enc.attention.flatten(2).sum(-1), torch.ones(3, 4))
+    features = model.vision.forward_features(images)
+    assert len(features.levels) == 1 + 2 and all(level.shape == (3, 16, 32) for level in features.levels)
+    _, blocks = model.vision.param_layers()
+    assert blocks == 2
+    eclip.save_model(model, tmp_path / "m")
+    again = eclip.load_model(tmp_path / "m")
+    torch.testing.assert_close(again.encode_image(images).instances, enc.instances)
+
+
+def test_convnet_tokens_stay_local_for_a_block():
+    """A token after one 5x5 depthwise block sees two tokens around it: a change in the top-left
+    patch reaches the token next to it, not the far corner of an 8 x 8 grid (with the
+    per-position stem norm)."""
+    torch.manual_seed(8)
+    config = override(micro_config(), ["vision.kind=convnet", "vision.stem_norm=channel", "vision.depth=2", "vision.image_size=64"])
+    model = ECLIP(config).eval()
+    images = torch.randn(1, 3, 64, 64)
+    changed = images.clone()
+    changed[..., :8, :8] += 1.0
+    a = model.vision.forward_features(images).level(1)
+    b = model.vision.forward_features(changed).level(1)
+    assert not torch.allclose(a[:, 1], b[:, 1])  # the neighbour of the changed patch
+    torch.testing.assert_close(a[:, 63], b[:, 63])  # the opposite corner

@@ -49,13 +49,15 @@ def run_demo(
     products: int | None = None,
     progress: bool = True,
     synth: list[str] | None = None,
+    preset: str = "tiny",
 ) -> dict:
     """`synth`: ShopSynthConfig overrides ("product_scale=[0.3,0.5]"), for a harder or easier
-    catalog than the default; the report records them."""
+    catalog than the default; `preset`: the model preset both arms start from. The report
+    records both."""
     out = Path(out_dir)
-    preset = SIZES["quick" if quick else "full"]
-    steps = steps or preset.steps
-    size = DemoSize(products=products or preset.products, steps=steps, warmup=min(preset.warmup, max(1, steps // 10)))
+    default_size = SIZES["quick" if quick else "full"]
+    steps = steps or default_size.steps
+    size = DemoSize(products=products or default_size.products, steps=steps, warmup=min(default_size.warmup, max(1, steps // 10)))
     begin = time.time()
 
     data_dir = out / "data"
@@ -69,7 +71,7 @@ def run_demo(
     store = None  # decoded once, shared by both runs
     for objective in ("eclip", "clip"):
         config = make_train_config(
-            "tiny", objective, catalog=str(paths["train"]), out_dir=str(out / objective),
+            preset, objective, catalog=str(paths["train"]), out_dir=str(out / objective),
             steps=steps, warmup_steps=size.warmup, seed=seed, checkpoint_every=max(steps // 2, 1),
         )
         store = store or ImageStore(train_products, config.model.vision.image_size)
@@ -84,7 +86,7 @@ def run_demo(
     plot_losses(histories, out / "loss_curves.png")
     grounding_grid(runs, heldout, out / "grounding.png")
     meta = {
-        "quick": quick, "seed": seed, "steps": steps, "products": size.products, "synth": list(synth or []),
+        "quick": quick, "seed": seed, "steps": steps, "products": size.products, "synth": list(synth or []), "preset": preset,
         "heldout_products": len(heldout), "seconds": round(time.time() - begin, 1),
         "peak_memory_gib": round(peak_memory_gib(), 2), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
@@ -94,8 +96,8 @@ def run_demo(
     report = f"""# eclip demo
 
 ShopSynth catalog of {size.products} products x 3 listing images (seed {seed}{synth_note}); {len(heldout)} held-out
-products never seen in training. ECLIP and the CLIP baseline (same towers, no decoder, global
-contrastive objective only) trained with the same data, {steps} steps and seed.
+products never seen in training. ECLIP and the CLIP baseline (same `{preset}` towers, no decoder,
+global contrastive objective only) trained with the same data, {steps} steps and seed.
 
 {table}
 

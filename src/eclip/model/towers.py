@@ -222,6 +222,54 @@ class TinyViT(VisionTower):
         return layers_by_prefix(self, ("patch_embed", "pos_embed", "registers"), "blocks.", n), n
 
 
+class ConvBlock(nn.Module):
+    """A ConvNeXt block at the token grid: depthwise 5x5, LayerNorm over channels, pointwise MLP,
+    residual."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.spatial = nn.Conv2d(width, width, 5, padding=2, groups=width)
+        self.norm = ChannelNorm(width)
+        self.expand = nn.Conv2d(width, hidden, 1)
+        self.project = nn.Conv2d(hidden, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w)
+        return x + self.project(nn.functional.gelu(self.expand(self.norm(self.spatial(x)))))
+
+
+class TinyConvNet(VisionTower):
+    """A small convolutional tower with the ViT's interface: the same stem, then `depth`
+    ConvNeXt blocks at the token grid instead of transformer blocks. Convolutions learn shape
+    from few samples where a ViT trained from scratch needs many more steps
+    (`tools/shape_probe.py`). Tokens = the final map, LayerNormed; global = their mean."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError("image_size must be a multiple of patch_size")
+        self.width = config.width
+        self.image_size = config.image_size
+        side = config.image_size // config.patch_size
+        self.grid = (side, side)
+        self.patch_embed = build_stem(config.stem, config.width, config.patch_size, config.stem_norm)
+        self.blocks = nn.ModuleList(ConvBlock(config.width, config.mlp_ratio) for _ in range(config.depth))
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward_features(self, images: torch.Tensor) -> VisionFeatures:
+        x = self.patch_embed(images)  # (B, C, h, w)
+        levels = [x.flatten(2).transpose(1, 2)]
+        for block in self.blocks:
+            x = run_block(block, x, self.grad_checkpointing)
+            levels.append(x.flatten(2).transpose(1, 2))  # (B, N, C)
+        tokens = self.norm(levels[-1])
+        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=self.grid, levels=levels)
+
+    def param_layers(self) -> tuple[dict[str, int], int]:
+        n = len(self.blocks)
+        return layers_by_prefix(self, ("patch_embed",), "blocks.", n), n
+
+
 class TinyTextTransformer(TextTower):
     """A bidirectional transformer over hashed words; pooled = mean over real tokens."""
 
@@ -250,13 +298,15 @@ class TinyTextTransformer(TextTower):
         return layers_by_prefix(self, ("token_embed", "pos_embed"), "blocks.", n), n
 
 
-VISION_KINDS = ("vit", "open_clip", "timm", "efficientnet_lite0")
+VISION_KINDS = ("vit", "convnet", "open_clip", "timm", "efficientnet_lite0")
 TEXT_KINDS = ("transformer", "open_clip", "hf")
 
 
 def build_vision_tower(config: VisionConfig) -> VisionTower:
     if config.kind == "vit":
         return TinyViT(config)
+    if config.kind == "convnet":
+        return TinyConvNet(config)
     from . import external  # lazily: open_clip / timm are optional
 
     if config.kind == "open_clip":
