@@ -289,6 +289,10 @@ def test_presets_and_overrides():
         model_preset("huge")
     model = eclip.create_model("tiny", overrides=["decoder.num_queries=5"])
     assert model.decoder.queries.shape[0] == 5
+    convnet = eclip.create_model("tiny-convnet").eval()
+    encoding = convnet.encode_image(torch.randn(2, 3, 64, 64))
+    assert encoding.grid == model.encode_image(torch.randn(2, 3, 64, 64)).grid == (8, 8)
+    assert encoding.attention.shape == (2, 8, 8, 8)
 
 
 @pytest.mark.parametrize("memory_level", [0, 1, -1])

@@ -9,9 +9,9 @@ import sys
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_PRESET, run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress, synth=args.synth, preset=args.preset)
+    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress, synth=args.synth, preset=args.preset or DEMO_PRESET)
     return 0
 
 
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
     demo.add_argument("--products", type=int, default=None, help="ShopSynth products (default: by size)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.add_argument("--preset", default="tiny", help="model preset of both arms: tiny (ViT) or tiny-convnet; larger presets are slow on a CPU")
+    demo.add_argument("--preset", default=None, help="model preset of both arms (default tiny-convnet; tiny is the ViT); larger presets are slow on a CPU")
     demo.add_argument(
         "--synth", action="append", default=[], metavar="FIELD=VALUE",
         help="ShopSynthConfig override, repeatable, e.g. --synth 'product_scale=[0.3,0.5]'",
