@@ -180,10 +180,9 @@ def build_stem(kind: str, width: int, patch_size: int, norm: str) -> nn.Module:
     raise ValueError(f"unknown stem {kind!r} (patch or conv)")
 
 
-class TinyViT(VisionTower):
-    """A plain ViT. Global feature = mean of the final normalised tokens, so a token projected
-    by the image head lives in the same space as the global embedding (what MaskCLIP-style
-    grounding of the CLIP baseline relies on)."""
+class BuiltinVisionTower(VisionTower):
+    """What the built-in towers share: a stem (`build_stem`) from the image onto a square grid
+    of `image_size / patch_size` tokens of `width` channels."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -194,6 +193,16 @@ class TinyViT(VisionTower):
         side = config.image_size // config.patch_size
         self.grid = (side, side)
         self.patch_embed = build_stem(config.stem, config.width, config.patch_size, config.stem_norm)
+
+
+class TinyViT(BuiltinVisionTower):
+    """A plain ViT. Global feature = mean of the final normalised tokens, so a token projected
+    by the image head lives in the same space as the global embedding (what MaskCLIP-style
+    grounding of the CLIP baseline relies on)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config)
+        side = self.grid[0]
         self.pos_embed = nn.Parameter(torch.randn(1, side * side, config.width) * 0.02)
         self.registers = nn.Parameter(torch.randn(1, config.registers, config.width) * 0.02)
         self.blocks = nn.ModuleList(
@@ -238,21 +247,14 @@ class ConvBlock(nn.Module):
         return x + self.project(nn.functional.gelu(self.expand(self.norm(self.spatial(x)))))
 
 
-class TinyConvNet(VisionTower):
+class TinyConvNet(BuiltinVisionTower):
     """A small convolutional tower with the ViT's interface: the same stem, then `depth`
     ConvNeXt blocks at the token grid instead of transformer blocks. Convolutions learn shape
     from few samples where a ViT trained from scratch needs many more steps
     (`tools/shape_probe.py`). Tokens = the final map, LayerNormed; global = their mean."""
 
     def __init__(self, config: VisionConfig):
-        super().__init__()
-        if config.image_size % config.patch_size:
-            raise ValueError("image_size must be a multiple of patch_size")
-        self.width = config.width
-        self.image_size = config.image_size
-        side = config.image_size // config.patch_size
-        self.grid = (side, side)
-        self.patch_embed = build_stem(config.stem, config.width, config.patch_size, config.stem_norm)
+        super().__init__(config)
         self.blocks = nn.ModuleList(ConvBlock(config.width, config.mlp_ratio) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.width)
 
