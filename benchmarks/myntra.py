@@ -23,6 +23,10 @@
      pointing game), `eclip.scene_eval.evaluate_scenes`.
    Train-split diagnostics (`--diagnostic-products`): the same scene metrics on training
    products, to read what training did without looking at the held-out split.
+   Validation (`--validation-products`): a third set of products, disjoint from both, composed
+   on its own and evaluated like the held-out set. Design choices are made there (training
+   scenes were seen in training, so the train split flatters what memorises); the held-out
+   split is read once per choice, for the report.
 
 Writes `--out` (JSON of every metric, the configuration, losses and wall times) and prints a
 Markdown table. The training runs use `eclip_app.train.train` unchanged; nothing is cached
@@ -41,7 +45,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from installed packages
@@ -49,7 +53,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from eclip.config import model_preset  # noqa: E402
+from eclip.config import model_preset, override  # noqa: E402
 from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
 from eclip.data.compose import ComposeConfig, compose_catalog  # noqa: E402
 from eclip.data.csv_import import csv_to_catalog  # noqa: E402
@@ -101,19 +105,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--arms", default="clip,eclip", help="which fine-tuning runs (comma-separated: clip, eclip)")
     p.add_argument("--diagnostic-products", type=int, default=200, help="training products for the train-split scene diagnostics (0: none)")
+    p.add_argument("--validation-products", type=int, default=500,
+                   help="products in neither split, for choosing designs without the held-out split (0: none)")
+    p.add_argument("--validation-only", action="store_true",
+                   help="train, then evaluate on validation products (and training diagnostics) only: the held-out split stays unread "
+                        "until a choice is made (read it then with --reevaluate READOUT --split heldout)")
+    p.add_argument("--eclip-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override for the ECLIP arm, e.g. decoder.instance_features=tokens (repeatable); with "
+                        "--reevaluate only settings that read a trained model (grounding_map=similarity, box=...)")
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); on a loaded machine 1 is faster")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--reevaluate",
         choices=("instance", "global", "mix"),
-        help="no training: read WORK's trained ECLIP with this readout on the held-out split",
+        help="no training: read WORK's trained ECLIP with this readout (see --split, --arm)",
     )
+    p.add_argument("--split", choices=("heldout", "validation"), default="heldout", help="what --reevaluate reads")
+    p.add_argument("--arm", choices=("clip", "eclip"), default="eclip", help="which trained model --reevaluate reads")
     args = p.parse_args(argv)
     if args.quick:
         # only the sizes that the user left at their defaults shrink
         quick = dict(train_products=80, heldout_products=30, scenes_per_product=2, image_size=96, steps=4,
-                     products_per_batch=8, warmup=1, diagnostic_products=20)
+                     products_per_batch=8, warmup=1, diagnostic_products=20, validation_products=20)
         for name, value in quick.items():
             if getattr(args, name) == p.get_default(name):
                 setattr(args, name, value)
@@ -128,16 +142,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-def split_by_product(products: list[Product], n_train: int, n_heldout: int, seed: int) -> tuple[list[Product], list[Product]]:
-    """Disjoint train / held-out products: a seeded shuffle of the ids, held-out first."""
+def split_by_product(
+    products: list[Product], n_train: int, n_heldout: int, seed: int, n_validation: int = 0
+) -> tuple[list[Product], list[Product], list[Product]]:
+    """Disjoint train / held-out / validation products: a seeded shuffle of the ids, held-out
+    first, then training, then validation (so adding validation changes neither split)."""
     ids = sorted(p.product_id for p in products)
     random.Random(f"myntra-split-{seed}").shuffle(ids)
-    if n_train + n_heldout > len(ids):
-        raise SystemExit(f"asked for {n_train} + {n_heldout} products, the catalog has {len(ids)}")
+    if n_train + n_heldout + n_validation > len(ids):
+        raise SystemExit(f"asked for {n_train} + {n_heldout} + {n_validation} products, the catalog has {len(ids)}")
     by_id = {p.product_id: p for p in products}
     heldout = [by_id[i] for i in ids[:n_heldout]]
     train_ = [by_id[i] for i in ids[n_heldout : n_heldout + n_train]]
-    return train_, heldout
+    start = n_heldout + n_train
+    validation = [by_id[i] for i in ids[start : start + n_validation]]
+    return train_, heldout, validation
 
 
 def write_catalog(products: list[Product], path: Path) -> Path:
@@ -190,6 +209,8 @@ def build_config(args: argparse.Namespace, objective: str, catalog: Path):
         keep_checkpoints=1, log_every=max(1, min(10, args.steps // 10)), tensorboard=False,
     )
     config.model.vision.image_size = args.image_size
+    if objective == "eclip" and args.eclip_set:
+        config.model = override(config.model, args.eclip_set)
     return config
 
 
@@ -270,20 +291,74 @@ def machine() -> str:
 
 
 def reevaluate(work: Path, args: argparse.Namespace) -> int:
-    """Read the ECLIP model a finished run saved with another readout (`ModelConfig.readout`,
-    chosen on training products: tools/readout_study.py) on the same held-out products and
-    scenes; training is untouched by the readout, so nothing is retrained."""
-    heldout, _ = load_catalog(work / "heldout.jsonl")
-    heldout_scenes, _ = load_catalog(work / "heldout_scenes" / "catalog.jsonl")
-    model = load_model(work / "eclip" / "model").eval()
-    model.config.readout = args.reevaluate
-    results, _ = evaluate_all(model, heldout, heldout_scenes, None, args)
-    out = work / f"reevaluated_{args.reevaluate}.json"
-    out.write_text(json.dumps({"readout": args.reevaluate, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                               "machine": machine(), "eclip": results}, indent=2))
-    print(markdown_table({"eclip": results}).replace("ECLIP fine-tuned", f"ECLIP fine-tuned, readout {args.reevaluate}"))
+    """Read a model a finished run saved (`--arm`), ECLIP with another readout
+    (`ModelConfig.readout`; training is untouched by the readout, so nothing is retrained), on
+    the held-out or the validation split (`--split`; composed here if the run predates it)."""
+    data = prepare(args, work)
+    products, scenes = (data.heldout, data.heldout_scenes) if args.split == "heldout" else (data.validation, data.validation_scenes)
+    if not products:
+        raise SystemExit("--split validation needs --validation-products > 0")
+    model = load_model(work / args.arm / "model").eval()
+    if args.arm == "eclip":
+        # how the trained model is read (readout, grounding_map, box): weights are untouched
+        model.config = override(model.config, [f"readout={args.reevaluate}", *args.eclip_set])
+    results, _ = evaluate_all(model, products, scenes, None, args)
+    name = f"{args.arm}_{args.reevaluate}" if args.arm == "eclip" else "clip"
+    if args.arm == "eclip" and model.config.grounding_map != "attention":
+        name += f"_{model.config.grounding_map}"
+    out = work / (f"reevaluated_{args.reevaluate}.json" if args.split == "heldout" and args.arm == "eclip" else f"{args.split}_{name}.json")
+    out.write_text(json.dumps({"readout": args.reevaluate, "split": args.split, "arm": args.arm, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                               "machine": machine(), args.arm: results}, indent=2))
+    title = "ECLIP fine-tuned" if args.arm == "eclip" else "CLIP fine-tuned"
+    print(f"{args.split} split")
+    print(markdown_table({args.arm: results}).replace(title, f"{title}, readout {args.reevaluate}" if args.arm == "eclip" else title))
     print(f"results: {out}")
     return 0
+
+
+@dataclass
+class BenchData:
+    train_catalog: Path
+    train_scenes: list[Product]  # training products: their scenes and their clean photo
+    heldout: list[Product]  # held-out products, clean photos
+    heldout_scenes: list[Product]
+    validation: list[Product]  # neither split: where choices are made
+    validation_scenes: list[Product]
+    compose_seconds: float
+
+
+def prepare(args: argparse.Namespace, work: Path) -> BenchData:
+    """1-3: catalog, split by product, scenes (reused when already composed)."""
+    data = Path(args.data)
+    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
+                            image_template="images/{id}.jpg", category_column="subCategory",
+                            attribute_columns=["baseColour", "gender", "usage"])
+    logger.info(report.summary())
+    products, _ = load_catalog(work / "catalog.jsonl", check_images=False)
+    train_products, heldout, validation = split_by_product(
+        products, args.train_products, args.heldout_products, args.seed, args.validation_products
+    )
+    heldout, _ = load_catalog(write_catalog(heldout, work / "heldout.jsonl"))
+    if validation:
+        validation, _ = load_catalog(write_catalog(validation, work / "validation.jsonl"))
+
+    # scenes: training products (K scenes + the clean photo), held-out and validation products
+    # (K scenes), each set composed on its own
+    t = time.perf_counter()
+    base = ComposeConfig(scenes_per_product=args.scenes_per_product, size=224, seed=args.seed)
+    train_catalog, _ = compose_once(train_products, work / "train_scenes", replace(base, keep_clean=True), not args.no_progress)
+    scene_catalogs = {}
+    for name, split in (("heldout", heldout), ("validation", validation)):
+        if split:
+            scene_catalogs[name], _ = compose_once(split, work / f"{name}_scenes", replace(base, keep_clean=False), not args.no_progress)
+    seconds = round(time.perf_counter() - t, 1)
+    train_scenes, _ = load_catalog(train_catalog)
+    heldout_scenes, _ = load_catalog(scene_catalogs["heldout"])
+    validation_scenes = load_catalog(scene_catalogs["validation"])[0] if validation else []
+    logger.info("split: %d training products (%d images), %d held-out products (%d scenes), %d validation products",
+                len(train_scenes), sum(len(p.images) for p in train_scenes), len(heldout),
+                sum(len(p.images) for p in heldout_scenes), len(validation))
+    return BenchData(train_catalog, train_scenes, heldout, heldout_scenes, validation, validation_scenes, seconds)
 
 
 # ----------------------------------------------------------------------------- main
@@ -304,51 +379,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     if args.reevaluate:
         return reevaluate(work, args)
-    work.mkdir(parents=True, exist_ok=True)
     begin = time.time()
     timings: dict[str, float] = {}
 
-    # 1-2. catalog, split by product
-    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
-                            image_template="images/{id}.jpg", category_column="subCategory",
-                            attribute_columns=["baseColour", "gender", "usage"])
-    logger.info(report.summary())
-    products, _ = load_catalog(work / "catalog.jsonl", check_images=False)
-    train_products, heldout = split_by_product(products, args.train_products, args.heldout_products, args.seed)
-    heldout_catalog = write_catalog(heldout, work / "heldout.jsonl")
-    heldout, _ = load_catalog(heldout_catalog)
-
-    # 3. scenes: training products (K scenes + the clean photo), held-out products (K scenes)
-    t = time.perf_counter()
-    base = ComposeConfig(scenes_per_product=args.scenes_per_product, size=224, seed=args.seed)
-    train_catalog, _ = compose_once(train_products, work / "train_scenes", replace(base, keep_clean=True), progress)
-    heldout_scenes_catalog, _ = compose_once(heldout, work / "heldout_scenes", replace(base, keep_clean=False), progress)
-    timings["compose_s"] = round(time.perf_counter() - t, 1)
-    train_scenes, _ = load_catalog(train_catalog)
-    heldout_scenes, _ = load_catalog(heldout_scenes_catalog)
+    bench = prepare(args, work)
+    timings["compose_s"] = bench.compose_seconds
+    train_scenes, heldout, heldout_scenes = bench.train_scenes, bench.heldout, bench.heldout_scenes
     diagnostics = None
     if args.diagnostic_products > 0:
         # training products, seen in training: their scenes against their clean photos
         diag = train_scenes[: args.diagnostic_products]
         diagnostics = (scenes_only(diag, args.scenes_per_product), [replace(p, images=p.images[-1:]) for p in diag])
-    logger.info("split: %d training products (%d images), %d held-out products (%d scenes)",
-                len(train_scenes), sum(len(p.images) for p in train_scenes), len(heldout), sum(len(p.images) for p in heldout_scenes))
 
     results: dict[str, dict] = {}
     diag_results: dict[str, dict] = {}
+    validation_results: dict[str, dict] = {}
     losses: dict[str, dict] = {}
 
     # 4. the pretrained initialisation
-    t = time.perf_counter()
-    results["pretrained"], diag_results["pretrained"] = evaluate_all(pretrained_model(args), heldout, heldout_scenes, diagnostics, args)
-    timings["pretrained_eval_s"] = round(time.perf_counter() - t, 1)
+    if not args.validation_only:
+        t = time.perf_counter()
+        results["pretrained"], diag_results["pretrained"] = evaluate_all(pretrained_model(args), heldout, heldout_scenes, diagnostics, args)
+        timings["pretrained_eval_s"] = round(time.perf_counter() - t, 1)
 
     # fine-tuning, both arms from the same initial weights and the same batches
     store = ImageStore(train_scenes, args.image_size)  # decoded once, shared by both arms
     for arm in arms:
-        config = build_config(args, arm, train_catalog)
+        config = build_config(args, arm, bench.train_catalog)
         result = train(config, progress=progress, store=store)
         if result.stopped_by_signal:  # train() checkpoints and returns on SIGTERM/SIGINT: stop here too
             raise SystemExit(f"{arm}: stopped by a signal at a checkpoint in {config.out_dir}; benchmark aborted")
@@ -356,7 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         losses[arm] = losses_line(result.history)
         logger.info("%s: %d steps in %.0f s; final losses %s", arm, config.steps, result.seconds, losses[arm]["final"])
         t = time.perf_counter()
-        results[arm], diag_results[arm] = evaluate_all(result.model, heldout, heldout_scenes, diagnostics, args)
+        if bench.validation:
+            validation_results[arm], _ = evaluate_all(result.model, bench.validation, bench.validation_scenes, None, args)
+        if args.validation_only:
+            results[arm] = {}
+            if diagnostics is not None:
+                diag_results[arm] = evaluate_scenes(result.model, *diagnostics, batch_size=args.eval_batch, progress=progress)
+        else:
+            results[arm], diag_results[arm] = evaluate_all(result.model, heldout, heldout_scenes, diagnostics, args)
         timings[f"{arm}_eval_s"] = round(time.perf_counter() - t, 1)
         results[arm]["train_seconds"] = round(result.seconds, 1)
         results[arm]["samples_per_s"] = round(config.steps * config.products_per_batch * config.images_per_product / result.seconds, 2)
@@ -371,9 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "split": {"train_products": len(train_scenes), "train_images": sum(len(p.images) for p in train_scenes),
                   "heldout_products": len(heldout), "heldout_scenes": sum(len(p.images) for p in heldout_scenes),
+                  "validation_products": len(bench.validation),
                   "heldout_subcategories": len({p.category for p in heldout}),
                   "heldout_colours": len({p.attributes.get("baseColour") for p in heldout})},
         "results": results,
+        "validation": validation_results,
         "train_diagnostics": diag_results,
         "losses": losses,
         "timings": timings,
@@ -381,8 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
 
-    print()
-    print(markdown_table(results))
+    if not args.validation_only:
+        print()
+        print(markdown_table(results))
+    if validation_results:
+        print("\nvalidation products (where choices are made)")
+        print(markdown_table(validation_results))
     if diagnostics is not None:
         print()
         print(diagnostics_table(diag_results))

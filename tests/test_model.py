@@ -163,6 +163,80 @@ def test_memory_grad_scale_limits_what_instances_teach_the_vision_tower(scale):
         torch.testing.assert_close(a, scale * b)
 
 
+def _token_instance_model(seed: int = 6) -> ECLIP:
+    torch.manual_seed(seed)
+    config = micro_config()
+    config.decoder.instance_features = "tokens"
+    return ECLIP(config)
+
+
+def test_token_instances_are_attention_pooled_global_embeddings():
+    model = _token_instance_model().eval()
+    assert not hasattr(model, "instance_head")  # the image head projects the instances
+    images = torch.randn(3, 3, 32, 32)
+    enc = model.encode_image(images)
+    assert enc.instances.shape == (3, 4, 16)
+    features = model.vision.forward_features(images)
+    by_hand = torch.einsum("bmn,bnc->bmc", enc.attention.flatten(2), features.tokens)
+    expected = torch.nn.functional.normalize(model.image_head(by_hand), dim=-1)
+    torch.testing.assert_close(enc.instances, expected)
+    # attention with equal logits everywhere pools the tokens' mean: the global embedding
+    with torch.no_grad():
+        last = model.decoder.layers[-1].cross_attn
+        last.k.weight.zero_()
+        last.k.bias.zero_()
+    enc = model.encode_image(images)
+    torch.testing.assert_close(enc.attention.flatten(2), torch.full((3, 4, 16), 1 / 16))
+    for m in range(4):
+        torch.testing.assert_close(enc.instances[:, m], enc.global_embedding)
+
+
+def test_token_instances_teach_the_decoder_where_to_look():
+    from eclip.config import LossConfig
+    from eclip.losses import ECLIPLoss
+
+    model = _token_instance_model()
+    images = torch.randn(4, 3, 32, 32)
+    enc = model.encode_image(images)
+    texts = model.encode_text(["red tee", "blue mug"])
+    pids = torch.tensor([0, 0, 1, 1])
+    losses = ECLIPLoss(LossConfig(global_weight=0.0, intra_weight=0.0, productness_weight=0.0))(model, enc, texts, pids, torch.tensor([0, 1]))
+    losses["total"].backward()
+    # the inter objective reaches the queries only through the attention that pools the tokens
+    assert model.decoder.queries.grad.abs().sum() > 0
+    assert model.decoder.layers[-1].cross_attn.k.weight.grad.abs().sum() > 0
+    assert model.image_head.weight.grad.abs().sum() > 0
+
+
+def test_grounding_map_similarity_grounds_a_decoder_model_like_the_baseline():
+    from eclip.config import TOKEN_SIMILARITY_BOX_RULE
+
+    model = _token_instance_model().eval()
+    model.config.grounding_map = "similarity"
+    assert model.config.box_rule() == TOKEN_SIMILARITY_BOX_RULE
+    images = torch.randn(2, 3, 32, 32)
+    texts = ["red tee", "blue mug"]
+    grounding = model.ground(images, texts)
+    assert grounding.query_index is None
+    enc, t = model.encode_image(images), model.encode_text(texts)
+    tokens = torch.nn.functional.normalize(model.image_head(enc.tokens), dim=-1)
+    maps, _ = model.heatmaps_from(enc, t)
+    torch.testing.assert_close(maps, torch.einsum("bnd,bd->bn", tokens, t).unflatten(-1, enc.grid))
+    # the attention map (the default) is another map, with the selected query's index
+    model.config.grounding_map = "attention"
+    attention_maps, index = model.heatmaps_from(enc, t)
+    assert index is not None and not torch.allclose(attention_maps, maps)
+    with pytest.raises(ValueError, match="grounding_map"):
+        ModelConfig(grounding_map="peak")
+
+
+def test_unknown_instance_features_is_an_error():
+    config = micro_config()
+    config.decoder.instance_features = "hidden"
+    with pytest.raises(ValueError, match="instance_features"):
+        ECLIP(config)
+
+
 def test_baseline_has_no_decoder_and_grounds_with_tokens():
     model = ECLIP(micro_config(decoder=False)).eval()
     assert model.decoder is None

@@ -92,6 +92,17 @@ class DecoderConfig:
     # memory the queries read: 1 all of it (the paper's joint training), 0 none (the tower is
     # trained by the global objective alone, the decoder learns on top of it).
     memory_grad_scale: float = 1.0
+    # What an instance embedding is made of (`INSTANCE_FEATURES`). "decoder": the query's
+    # output through its own head (DESIGN.md). "tokens": the query's last-layer attention map
+    # pools the tower's final tokens and the global embedding's head projects them, so an
+    # instance is the global embedding re-weighted towards where the query looks (uniform
+    # attention gives exactly the global embedding of a tower that mean-pools: built-in, timm). With pretrained towers and a short run, a
+    # decoder and head trained from scratch describe the product worse than the pretrained
+    # pool (BENCHMARKS.md, Myntra diagnosis); here the decoder only has to learn where.
+    instance_features: str = "decoder"
+
+
+INSTANCE_FEATURES = ("decoder", "tokens")
 
 
 @dataclass
@@ -114,6 +125,7 @@ class BoxRule:
 ATTENTION_BOX_RULE = BoxRule(relative_to="mean", threshold=1.0, region="largest")
 TOKEN_SIMILARITY_BOX_RULE = BoxRule(relative_to="max", threshold=0.8, region="union")
 READOUTS = ("instance", "global", "mix")
+GROUNDING_MAPS = ("attention", "similarity")
 
 
 @dataclass
@@ -138,24 +150,36 @@ class ModelConfig:
     # decoder) always reads the global head. Configs saved before this field load as
     # "instance", which is what those models served.
     readout: str = field(default="mix", metadata={"if_missing": "instance"})
+    # The map a decoder model grounds with (`GROUNDING_MAPS`): "attention", the cross-attention
+    # of the query the text selects (DESIGN.md); "similarity", the text's cosine with each token
+    # projected by the image head, the baseline's MaskCLIP-style map. With
+    # `decoder.instance_features="tokens"` the queries pool those same projected tokens, and
+    # on Myntra validation scenes their attention did not localise the product where the
+    # similarity map did (BENCHMARKS.md, "Real data"). The baseline always uses "similarity".
+    grounding_map: str = "attention"
 
     def __post_init__(self) -> None:
         if self.readout not in READOUTS:
             raise ValueError(f"ModelConfig.readout must be one of {READOUTS}, not {self.readout!r}")
+        if self.grounding_map not in GROUNDING_MAPS:
+            raise ValueError(f"ModelConfig.grounding_map must be one of {GROUNDING_MAPS}, not {self.grounding_map!r}")
 
     @property
     def has_decoder(self) -> bool:
         return self.decoder is not None
 
+    @property
+    def grounds_with_attention(self) -> bool:
+        return self.has_decoder and self.grounding_map == "attention"
+
     def box_rule(self) -> BoxRule:
         """The rule that turns this model's grounding maps into boxes: `box` when set, else
-        the one chosen for its kind of map (attention with a decoder, token similarity
-        without)."""
+        the one chosen for its kind of map (a decoder's attention, or token similarity)."""
         if isinstance(self.box, dict):  # set by an override, `box={"threshold": 0.5, ...}`
             return BoxRule(**self.box)
         if self.box is not None:
             return self.box
-        return dataclasses.replace(ATTENTION_BOX_RULE if self.has_decoder else TOKEN_SIMILARITY_BOX_RULE)
+        return dataclasses.replace(ATTENTION_BOX_RULE if self.grounds_with_attention else TOKEN_SIMILARITY_BOX_RULE)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import READOUTS, ModelConfig
+from ..config import INSTANCE_FEATURES, READOUTS, ModelConfig
 from .decoder import InstanceDecoder
 from .grounding import box_by_rule, upsample_heatmap
 from .towers import build_text_tower, build_vision_tower
@@ -30,7 +30,7 @@ class ImageEncoding:
 class Grounding:
     heatmaps: torch.Tensor  # (B, H, W) in [0, 1] at the model's input resolution
     boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
-    query_index: torch.Tensor | None  # (B,) the selected query; None for the baseline
+    query_index: torch.Tensor | None  # (B,) the selected query; None when the map is not a query's (the baseline, grounding_map="similarity")
 
 
 def select_instances(
@@ -152,8 +152,13 @@ class ECLIP(nn.Module):
         self.logit_scales = nn.ModuleDict({"global": scale()})
         self.decoder: InstanceDecoder | None = None
         if config.decoder is not None:
+            if config.decoder.instance_features not in INSTANCE_FEATURES:
+                raise ValueError(
+                    f"decoder.instance_features must be one of {INSTANCE_FEATURES}, not {config.decoder.instance_features!r}"
+                )
             self.decoder = InstanceDecoder(config.decoder, self.vision.width)
-            self.instance_head = nn.Linear(config.decoder.width, config.embed_dim, bias=False)
+            if config.decoder.instance_features == "decoder":  # "tokens" reuses the image head
+                self.instance_head = nn.Linear(config.decoder.width, config.embed_dim, bias=False)
             self.productness_head = nn.Linear(config.decoder.width, 1)
             self.logit_scales.update({"inter": scale(), "intra": scale()})
 
@@ -180,12 +185,25 @@ class ECLIP(nn.Module):
         if self.decoder is not None:
             memory = scale_gradient(features.level(self.config.decoder.memory_level), self.config.decoder.memory_grad_scale)
             hidden, attn = self.decoder(memory, features.grid)  # (B,M,C), (B,M,N)
-            instances = F.normalize(self.instance_head(hidden), dim=-1)
+            instances = F.normalize(self._instance_features(hidden, attn, features.tokens), dim=-1)
             productness = self.productness_head(hidden).squeeze(-1)
             attention = attn.unflatten(-1, features.grid)
         return ImageEncoding(
             global_embedding, instances, productness, attention, features.tokens, features.grid
         )
+
+    def _instance_features(self, hidden: torch.Tensor, attention: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, M, D) unnormalised instances (`DecoderConfig.instance_features`): the decoder's
+        output through the instance head, or each query's attention pooling the tower's final
+        tokens through the image head (the global embedding's own projection)."""
+        if self.config.decoder.instance_features == "decoder":
+            return self.instance_head(hidden)
+        if attention.shape[-1] != tokens.shape[1]:
+            raise ValueError(
+                f"instance_features='tokens' pools the final tokens ({tokens.shape[1]}) with the attention "
+                f"over the decoder's memory ({attention.shape[-1]}): set a memory_level on the same grid"
+            )
+        return self.image_head(torch.einsum("bmn,bnc->bmc", attention, tokens))  # (B, M, D)
 
     def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Titles or queries -> (T, D), L2-normalised."""
@@ -234,9 +252,10 @@ class ECLIP(nn.Module):
     # ------------------------------------------------------------------ grounding
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Grid maps (B, h, w) for image i and text i: the selected query's cross-attention, or
-        for the baseline the similarity of the text to each projected token (MaskCLIP-style)."""
-        if encoding.attention is None:
+        """Grid maps (B, h, w) for image i and text i (`ModelConfig.grounding_map`): the
+        selected query's cross-attention (and that query's index), or the similarity of the text
+        to each projected token (MaskCLIP-style; always for the baseline)."""
+        if not self.config.grounds_with_attention:
             # projected only here, not on every training step
             token_embeddings = F.normalize(self.image_head(encoding.tokens), dim=-1)  # (B, N, D)
             sims = torch.einsum("bnd,bd->bn", token_embeddings, texts)

@@ -4,8 +4,8 @@
 An export folder holds:
     image_encoder.onnx   images (B, 3, S, S) float, normalised -> global_embedding (B, D),
                          product_embedding (B, D), and with a decoder instances (B, M, D),
-                         productness (B, M), attention (B, M, h, w); without a decoder
-                         token_embeddings (B, N, D) for the baseline's grounding
+                         productness (B, M), attention (B, M, h, w); without a decoder, or
+                         with grounding_map="similarity", token_embeddings (B, N, D) to ground with
     text_encoder.onnx    ids (B, T) int64, mask (B, T) bool -> embedding (B, D)
     tokenizer.json       the HashTokenizer's settings: text is tokenised in plain Python (crc32)
     config.json          the model's config (embedding size, selection rule), as in a model folder
@@ -56,10 +56,11 @@ class ImageEncoderGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoding = self.model.encode_image(images)
         product = self.model.product_embedding_from(encoding)
+        tokens = nn.functional.normalize(self.model.image_head(encoding.tokens), dim=-1)
         if encoding.instances is None:
-            tokens = nn.functional.normalize(self.model.image_head(encoding.tokens), dim=-1)
             return encoding.global_embedding, product, tokens
-        return encoding.global_embedding, product, encoding.instances, encoding.productness, encoding.attention
+        decoder = (encoding.global_embedding, product, encoding.instances, encoding.productness, encoding.attention)
+        return decoder if self.model.config.grounds_with_attention else (*decoder, tokens)
 
 
 class TextEncoderGraph(nn.Module):
@@ -71,9 +72,10 @@ class TextEncoderGraph(nn.Module):
         return self.model.encode_text((ids, mask))
 
 
-def image_output_names(has_decoder: bool) -> list[str]:
-    if has_decoder:
-        return ["global_embedding", "product_embedding", "instances", "productness", "attention"]
+def image_output_names(config: ModelConfig) -> list[str]:
+    if config.has_decoder:
+        decoder = ["global_embedding", "product_embedding", "instances", "productness", "attention"]
+        return decoder if config.grounds_with_attention else [*decoder, "token_embeddings"]
     return ["global_embedding", "product_embedding", "token_embeddings"]
 
 
@@ -124,7 +126,7 @@ def export_onnx(model: ECLIP, out: str | Path, tolerance: float = DEFAULT_TOLERA
     generator = torch.Generator().manual_seed(seed)
 
     image_graph, text_graph = ImageEncoderGraph(model).eval(), TextEncoderGraph(model).eval()
-    outputs = image_output_names(has_decoder)
+    outputs = image_output_names(model.config)
     sample_images = torch.randn(2, 3, size, size, generator=generator)
     sample_ids, sample_mask = tokenizer(["a red striped shirt", "blue jeans"])
     _export(image_graph, (sample_images,), out / IMAGE_FILE, ["images"], outputs)
@@ -279,7 +281,7 @@ class OnnxEncoder:
         if self.has_decoder:
             grid = tuple(t["attention"].shape[-2:])
             encoding = ImageEncoding(t["global_embedding"], t["instances"], t["productness"], t["attention"],
-                                     tokens=torch.empty(0), grid=grid)  # type: ignore[arg-type]
+                                     tokens=t.get("token_embeddings", torch.empty(0)), grid=grid)  # type: ignore[arg-type]
         else:
             n = t["token_embeddings"].shape[1]
             h = int(round(n**0.5))
@@ -301,7 +303,7 @@ class OnnxEncoder:
         return image_text_scores(encoding, texts, self.config)
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if encoding.attention is None:
+        if not self.config.grounds_with_attention:
             # token_embeddings are already projected and normalised in the graph
             sims = torch.einsum("bnd,bd->bn", encoding.tokens, texts)
             return sims.unflatten(-1, encoding.grid), None
