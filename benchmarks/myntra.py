@@ -1,6 +1,7 @@
 """Real data (issue 3): ECLIP against the CLIP baseline on the Myntra sample, held-out products.
 
-    python benchmarks/myntra.py            # the full run (about 45 min on the project's 2-core CPU)
+    python benchmarks/myntra.py --threads 2  # the full run (about 50 min on the project's 2-core CPU;
+                                             # each fine-tuning arm with its evaluations about 22 min)
     python benchmarks/myntra.py --quick    # a smoke test: ~100 products, a few steps, about a minute
 
 1. `styles.csv` -> catalog (`eclip.data.csv_import`, category = subCategory, attributes
@@ -94,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-products", type=int, default=3000)
     p.add_argument("--heldout-products", type=int, default=1000)
     p.add_argument("--scenes-per-product", type=int, default=3, help="composed scenes per product (both splits)")
-    p.add_argument("--image-size", type=int, default=128, help="model input (EfficientNet-Lite0: a grid of size/32)")
+    p.add_argument("--image-size", type=int, default=224, help="model input (EfficientNet-Lite0: a grid of size/32; runs 1-3 used 128)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--products-per-batch", type=int, default=32, help="P")
     p.add_argument("--images-per-product", type=int, default=2, help="K (>= 2: the intra-product objective)")

@@ -82,6 +82,12 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     assert any(global_metrics[k] != pytest.approx(metrics[k], abs=1e-9) for k in readout_dependent)
     # grounding reads the attention whatever the readout
     assert global_metrics["grounding_acc50"] == pytest.approx(metrics["grounding_acc50"])
+    # --grounding-map changes the map (and its box rule), not the embeddings
+    assert main(["-q", "eval", "--model", str(out / "eclip" / "model"), "--catalog", str(out / "data" / "heldout.jsonl"),
+                 "--json", "--no-progress", "--grounding-map", "similarity"]) == 0
+    similarity_metrics = json.loads(capsys.readouterr().out)
+    assert similarity_metrics["same_product_map_r"] == pytest.approx(metrics["same_product_map_r"])
+    assert similarity_metrics["grounding_mean_iou"] != pytest.approx(metrics["grounding_mean_iou"], abs=1e-9)
 
 
 def test_eval_readout_choices_are_the_library_readouts():

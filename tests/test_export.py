@@ -87,21 +87,24 @@ def test_baseline_without_decoder_exports_too(tmp_path):
     assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3
 
 
-def test_decoder_model_grounding_with_token_similarity_exports(tmp_path):
+@pytest.mark.parametrize("grounding_map, extra_output", [("similarity", "token_embeddings"), ("contribution", "token_projections")])
+def test_decoder_model_grounding_with_projected_tokens_exports(tmp_path, grounding_map, extra_output):
     torch.manual_seed(4)
     config = micro_config()
     config.decoder.instance_features = "tokens"
-    config.grounding_map = "similarity"
+    config.grounding_map = grounding_map
     model = ECLIP(config).eval()
     report = export_onnx(model, tmp_path)
-    assert report.ok and {"image.attention", "image.token_embeddings"} <= set(report.max_abs_diff)
+    assert report.ok and {"image.attention", f"image.{extra_output}"} <= set(report.max_abs_diff)
     encoder = OnnxEncoder.load(tmp_path)
     images = torch.randn(3, 3, 32, 32)
     texts = ["red tee", "blue mug", "green hat"]
     with torch.inference_mode():
         assert (model.product_embedding(images) - encoder.product_embedding(images)).abs().max() < TOL
         a, b = model.ground(images, texts), encoder.ground(images, texts)
-    assert a.query_index is None and b.query_index is None
+    assert (a.query_index is None) == (grounding_map == "similarity")
+    if a.query_index is not None:
+        assert torch.equal(a.query_index, b.query_index)
     assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3
     assert a.boxes == b.boxes
 

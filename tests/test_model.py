@@ -230,6 +230,23 @@ def test_grounding_map_similarity_grounds_a_decoder_model_like_the_baseline():
         ModelConfig(grounding_map="peak")
 
 
+def test_contribution_map_decomposes_the_token_instance_score():
+    from eclip.config import CONTRIBUTION_BOX_RULE
+
+    model = _token_instance_model().eval()
+    model.config.grounding_map = "contribution"
+    assert model.config.box_rule() == CONTRIBUTION_BOX_RULE
+    images = torch.randn(2, 3, 32, 32)
+    enc, t = model.encode_image(images), model.encode_text(["red tee", "blue mug"])
+    maps, index = model.heatmaps_from(enc, t)
+    # summed over the tokens, the map is the selected instance's score before its normalisation
+    pooled = torch.einsum("bn,bnc->bc", enc.attention[torch.arange(2), index].flatten(1), enc.tokens)
+    raw = model.image_head(pooled)  # (B, D)
+    torch.testing.assert_close(maps.flatten(1).sum(-1), (raw * t).sum(-1))
+    selected = enc.instances[torch.arange(2), index]
+    torch.testing.assert_close((raw * t).sum(-1) / raw.norm(dim=-1), (selected * t).sum(-1))
+
+
 def test_unknown_instance_features_is_an_error():
     config = micro_config()
     config.decoder.instance_features = "hidden"

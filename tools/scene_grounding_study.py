@@ -9,10 +9,10 @@ scene's true box. Nothing is retrained.
 
 Maps (each over the token grid, for image i and its title t):
 - attention: the cross-attention of the query the title selects (the library's ECLIP map);
-- contribution: that attention times each token's projected similarity to the title,
+- contribution: that attention times each projected token's dot product with the title,
   a_n (t . W x_n): with `decoder.instance_features="tokens"` the instance score is the sum of
   these terms over the tokens (before the instance's normalisation), so the map says which
-  tokens made the match;
+  tokens made the match (`grounding_map="contribution"`);
 - similarity: the title's cosine with each projected token (the baseline's MaskCLIP-style map);
 - productness attention: the attention of the query productness picks, no title needed.
 """
@@ -28,9 +28,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from eclip.config import BoxRule  # noqa: E402
+from eclip.config import GROUNDING_MAPS, BoxRule  # noqa: E402
 from eclip.data import ImageStore, load_catalog  # noqa: E402
 from eclip.data.transforms import normalize  # noqa: E402
 from eclip.io import load_model  # noqa: E402
@@ -47,19 +46,18 @@ RULES = {
 
 @torch.no_grad()
 def maps_for(model: ECLIP, images: torch.Tensor, titles: list[str]) -> dict[str, torch.Tensor]:
-    """Every candidate map (B, h, w) for image i and title i."""
+    """Every candidate map (B, h, w) for image i and title i: the library's maps
+    (`ModelConfig.grounding_map`), and the attention of the query productness picks."""
     encoding = model.encode_image(images)
     texts = model.encode_text(titles)  # (B, D)
-    projected = model.image_head(encoding.tokens)  # (B, N, D), unnormalised
-    similarity = torch.einsum("bnd,bd->bn", F.normalize(projected, dim=-1), texts)
-    out = {"similarity": similarity.unflatten(-1, encoding.grid)}
+    chosen = model.config.grounding_map
+    out = {}
+    for name in GROUNDING_MAPS if encoding.attention is not None else ("similarity",):
+        model.config.grounding_map = name
+        out[name] = model.heatmaps_from(encoding, texts)[0]
+    model.config.grounding_map = chosen
     if encoding.attention is not None:
-        b = torch.arange(len(images))
-        selected = torch.einsum("bmd,bd->bm", encoding.instances, texts).argmax(-1)
-        attention = encoding.attention[b, selected]  # (B, h, w)
-        out["attention"] = attention
-        out["contribution"] = attention * torch.einsum("bnd,bd->bn", projected, texts).unflatten(-1, encoding.grid)
-        out["productness attention"] = encoding.attention[b, encoding.productness.argmax(-1)]
+        out["productness attention"] = encoding.attention[torch.arange(len(images)), encoding.productness.argmax(-1)]
     return out
 
 

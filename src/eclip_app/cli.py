@@ -33,6 +33,22 @@ def _train(args) -> int:
     return 0
 
 
+def _read_as(model, args):
+    """A saved model read as --readout / --grounding-map say (its weights are untouched)."""
+    if args.readout:
+        model.config.readout = args.readout
+    if args.grounding_map:
+        model.config.grounding_map = args.grounding_map
+    return model
+
+
+def _read_options(parser) -> None:
+    from eclip.config import GROUNDING_MAPS, READOUTS
+
+    parser.add_argument("--readout", choices=READOUTS, help="what a decoder model is read by (default: its config's readout)")
+    parser.add_argument("--grounding-map", choices=GROUNDING_MAPS, help="the map a decoder model grounds with (default: its config's)")
+
+
 def _eval(args) -> int:
     from eclip.data import load_catalog
     from eclip.evaluation import evaluate
@@ -40,9 +56,7 @@ def _eval(args) -> int:
 
     from .report import comparison_table
 
-    model = load_model(args.model)
-    if args.readout:
-        model.config.readout = args.readout
+    model = _read_as(load_model(args.model), args)
     products, _ = load_catalog(args.catalog)
     results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json)
     if args.json:
@@ -115,7 +129,7 @@ def _eval_scenes(args) -> int:
     from eclip.io import load_model
     from eclip.scene_eval import evaluate_scenes
 
-    model = load_model(args.model)
+    model = _read_as(load_model(args.model), args)
     scenes, _ = load_catalog(args.scenes)
     catalog, _ = load_catalog(args.catalog)
     results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress)
@@ -209,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
     ev.add_argument("--catalog", required=True, help="held-out catalog (JSON Lines)")
     ev.add_argument("--batch-size", type=int, default=128)
-    ev.add_argument("--readout", choices=("instance", "global", "mix"), help="what a decoder model is read by (default: its config's readout)")
+    _read_options(ev)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
@@ -257,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--scenes", required=True, help="scene catalog (eclip compose's catalog.jsonl)")
     es.add_argument("--catalog", required=True, help="clean catalog of the same products (the gallery)")
     es.add_argument("--batch-size", type=int, default=128)
+    _read_options(es)
     es.add_argument("--no-progress", action="store_true")
     es.set_defaults(func=_eval_scenes)
 

@@ -253,16 +253,20 @@ class ECLIP(nn.Module):
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Grid maps (B, h, w) for image i and text i (`ModelConfig.grounding_map`): the
-        selected query's cross-attention (and that query's index), or the similarity of the text
-        to each projected token (MaskCLIP-style; always for the baseline)."""
-        if not self.config.grounds_with_attention:
+        similarity of the text to each projected token (MaskCLIP-style; always for the
+        baseline), or the selected query's cross-attention, alone or times each projected
+        token's dot product with the text ("contribution"), with that query's index."""
+        if self.config.effective_grounding_map == "similarity":
             # projected only here, not on every training step
             token_embeddings = F.normalize(self.image_head(encoding.tokens), dim=-1)  # (B, N, D)
             sims = torch.einsum("bnd,bd->bn", token_embeddings, texts)
             return sims.unflatten(-1, encoding.grid), None
         sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
         index = sims.argmax(dim=-1)  # (B,)
-        maps = encoding.attention[torch.arange(len(index)), index]
+        maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
+        if self.config.grounding_map == "contribution":
+            relevance = torch.einsum("bnd,bd->bn", self.image_head(encoding.tokens), texts)  # (B, N)
+            maps = maps * relevance.unflatten(-1, encoding.grid)
         return maps, index
 
     def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:

@@ -5,7 +5,8 @@ An export folder holds:
     image_encoder.onnx   images (B, 3, S, S) float, normalised -> global_embedding (B, D),
                          product_embedding (B, D), and with a decoder instances (B, M, D),
                          productness (B, M), attention (B, M, h, w); without a decoder, or
-                         with grounding_map="similarity", token_embeddings (B, N, D) to ground with
+                         with grounding_map="similarity", token_embeddings (B, N, D) to ground
+                         with; with "contribution", token_projections (B, N, D), not normalised
     text_encoder.onnx    ids (B, T) int64, mask (B, T) bool -> embedding (B, D)
     tokenizer.json       the HashTokenizer's settings: text is tokenised in plain Python (crc32)
     config.json          the model's config (embedding size, selection rule), as in a model folder
@@ -56,11 +57,13 @@ class ImageEncoderGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoding = self.model.encode_image(images)
         product = self.model.product_embedding_from(encoding)
-        tokens = nn.functional.normalize(self.model.image_head(encoding.tokens), dim=-1)
+        projected = self.model.image_head(encoding.tokens)  # (B, N, D)
+        tokens = nn.functional.normalize(projected, dim=-1)
         if encoding.instances is None:
             return encoding.global_embedding, product, tokens
         decoder = (encoding.global_embedding, product, encoding.instances, encoding.productness, encoding.attention)
-        return decoder if self.model.config.grounds_with_attention else (*decoder, tokens)
+        extra = {"attention": (), "similarity": (tokens,), "contribution": (projected,)}[self.model.config.grounding_map]
+        return (*decoder, *extra)
 
 
 class TextEncoderGraph(nn.Module):
@@ -75,7 +78,8 @@ class TextEncoderGraph(nn.Module):
 def image_output_names(config: ModelConfig) -> list[str]:
     if config.has_decoder:
         decoder = ["global_embedding", "product_embedding", "instances", "productness", "attention"]
-        return decoder if config.grounds_with_attention else [*decoder, "token_embeddings"]
+        extra = {"attention": [], "similarity": ["token_embeddings"], "contribution": ["token_projections"]}
+        return decoder + extra[config.grounding_map]
     return ["global_embedding", "product_embedding", "token_embeddings"]
 
 
@@ -281,7 +285,7 @@ class OnnxEncoder:
         if self.has_decoder:
             grid = tuple(t["attention"].shape[-2:])
             encoding = ImageEncoding(t["global_embedding"], t["instances"], t["productness"], t["attention"],
-                                     tokens=t.get("token_embeddings", torch.empty(0)), grid=grid)  # type: ignore[arg-type]
+                                     tokens=t.get("token_embeddings", t.get("token_projections", torch.empty(0))), grid=grid)  # type: ignore[arg-type]
         else:
             n = t["token_embeddings"].shape[1]
             h = int(round(n**0.5))
@@ -303,13 +307,16 @@ class OnnxEncoder:
         return image_text_scores(encoding, texts, self.config)
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.config.grounds_with_attention:
+        if self.config.effective_grounding_map == "similarity":
             # token_embeddings are already projected and normalised in the graph
             sims = torch.einsum("bnd,bd->bn", encoding.tokens, texts)
             return sims.unflatten(-1, encoding.grid), None
         sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
         index = sims.argmax(dim=-1)
-        return encoding.attention[torch.arange(len(index)), index], index
+        maps = encoding.attention[torch.arange(len(index)), index]
+        if self.config.grounding_map == "contribution":  # tokens: projected, not normalised
+            maps = maps * torch.einsum("bnd,bd->bn", encoding.tokens, texts).unflatten(-1, encoding.grid)
+        return maps, index
 
     def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
         return box_by_rule(heatmap, self.config.box_rule())
