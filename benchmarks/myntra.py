@@ -307,7 +307,7 @@ def reevaluate(work: Path, args: argparse.Namespace) -> int:
     name = f"{args.arm}_{args.reevaluate}" if args.arm == "eclip" else "clip"
     if args.arm == "eclip" and model.config.grounding_map != "attention":
         name += f"_{model.config.grounding_map}"
-    out = work / (f"reevaluated_{args.reevaluate}.json" if args.split == "heldout" and args.arm == "eclip" else f"{args.split}_{name}.json")
+    out = work / f"{args.split}_{name}.json"  # e.g. heldout_eclip_instance_contribution.json
     out.write_text(json.dumps({"readout": args.reevaluate, "split": args.split, "arm": args.arm, "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                                "machine": machine(), args.arm: results}, indent=2))
     title = "ECLIP fine-tuned" if args.arm == "eclip" else "CLIP fine-tuned"

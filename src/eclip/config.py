@@ -96,9 +96,10 @@ class DecoderConfig:
     # output through its own head (DESIGN.md). "tokens": the query's last-layer attention map
     # pools the tower's final tokens and the global embedding's head projects them, so an
     # instance is the global embedding re-weighted towards where the query looks (uniform
-    # attention gives exactly the global embedding of a tower that mean-pools: built-in, timm). With pretrained towers and a short run, a
-    # decoder and head trained from scratch describe the product worse than the pretrained
-    # pool (BENCHMARKS.md, Myntra diagnosis); here the decoder only has to learn where.
+    # attention gives exactly the global embedding of a tower that mean-pools: built-in,
+    # timm). With pretrained towers and a short run, a decoder and head trained from scratch
+    # describe the product worse than the pretrained pool (BENCHMARKS.md, Myntra runs 1-4);
+    # here the decoder only has to learn where.
     instance_features: str = "decoder"
 
 

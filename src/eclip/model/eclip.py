@@ -30,7 +30,8 @@ class ImageEncoding:
 class Grounding:
     heatmaps: torch.Tensor  # (B, H, W) in [0, 1] at the model's input resolution
     boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
-    query_index: torch.Tensor | None  # (B,) the selected query; None when the map is not a query's (the baseline, grounding_map="similarity")
+    # (B,) the selected query; None when the map is not a query's (the baseline, "similarity")
+    query_index: torch.Tensor | None
 
 
 def select_instances(
