@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation-only", action="store_true",
                    help="train, then evaluate on validation products (and training diagnostics) only: the held-out split stays unread "
                         "until a choice is made (read it then with --reevaluate READOUT --split heldout)")
+    p.add_argument("--eclip-loss-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="objective override for the ECLIP arm, e.g. intra_weight=0 (repeatable; an ablation)")
     p.add_argument("--eclip-set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override for the ECLIP arm, e.g. decoder.instance_features=tokens (repeatable); with "
                         "--reevaluate only settings that read a trained model (grounding_map=similarity, box=...)")
@@ -212,6 +214,8 @@ def build_config(args: argparse.Namespace, objective: str, catalog: Path):
     config.model.vision.image_size = args.image_size
     if objective == "eclip" and args.eclip_set:
         config.model = override(config.model, args.eclip_set)
+    if objective == "eclip" and args.eclip_loss_set:
+        config.loss = override(config.loss, args.eclip_loss_set)
     return config
 
 
