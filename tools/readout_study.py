@@ -15,7 +15,7 @@ ShopSynth (the demo's models; catalog images are listing photos with the true bo
         --model eclip=runs/demo/eclip/model --model clip=runs/demo/clip/model \\
         --catalog runs/demo/data/train.jsonl --products 500
 
-Myntra (benchmarks/myntra.py's models; each training product holds its composed scenes and, last,
+Myntra (benchmarks/real_catalog.py's models; each training product holds its composed scenes and, last,
 its clean photo): zero-shot and text retrieval on the clean photos, scene-to-catalog retrieval
 and grounding on the scenes:
 
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, required=True, help="a TRAINING catalog")
     parser.add_argument("--products", type=int, default=500, help="training products sampled")
     parser.add_argument("--scenes", action="store_true",
-                        help="products hold scenes then their clean photo (benchmarks/myntra.py's train_scenes)")
+                        help="products hold scenes then their clean photo (benchmarks/real_catalog.py's train_scenes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,28 @@ def text_guided_embedding(
     weights = weights[torch.arange(len(texts)), torch.arange(len(texts))]  # (B, M): text i, image i
     instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
     return _instance_or_mix(instance, encoding.global_embedding, config.readout)
+
+
+def grounding_maps(
+    encoding: ImageEncoding,
+    texts: torch.Tensor,  # (B, D): text i for image i
+    config: ModelConfig,
+    projected_tokens: Callable[[], torch.Tensor],  # () -> (B, N, D) tokens through the image head
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grid maps (B, h, w) for image i and text i (`ModelConfig.grounding_map`): the
+    similarity of the text to each projected token (MaskCLIP-style; always for the baseline),
+    or the selected query's cross-attention, alone or times each projected token's dot product
+    with the text ("contribution"), with that query's index (B,)."""
+    if config.effective_grounding_map == "similarity":
+        sims = torch.einsum("bnd,bd->bn", F.normalize(projected_tokens(), dim=-1), texts)
+        return sims.unflatten(-1, encoding.grid), None
+    sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
+    index = sims.argmax(dim=-1)  # (B,)
+    maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
+    if config.grounding_map == "contribution":
+        relevance = torch.einsum("bnd,bd->bn", projected_tokens(), texts)  # (B, N)
+        maps = maps * relevance.unflatten(-1, encoding.grid)
+    return maps, index
 
 
 class LogitScale(nn.Module):
@@ -253,22 +276,10 @@ class ECLIP(nn.Module):
     # ------------------------------------------------------------------ grounding
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Grid maps (B, h, w) for image i and text i (`ModelConfig.grounding_map`): the
-        similarity of the text to each projected token (MaskCLIP-style; always for the
-        baseline), or the selected query's cross-attention, alone or times each projected
-        token's dot product with the text ("contribution"), with that query's index."""
-        if self.config.effective_grounding_map == "similarity":
-            # projected only here, not on every training step
-            token_embeddings = F.normalize(self.image_head(encoding.tokens), dim=-1)  # (B, N, D)
-            sims = torch.einsum("bnd,bd->bn", token_embeddings, texts)
-            return sims.unflatten(-1, encoding.grid), None
-        sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
-        index = sims.argmax(dim=-1)  # (B,)
-        maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
-        if self.config.grounding_map == "contribution":
-            relevance = torch.einsum("bnd,bd->bn", self.image_head(encoding.tokens), texts)  # (B, N)
-            maps = maps * relevance.unflatten(-1, encoding.grid)
-        return maps, index
+        """Grid maps (B, h, w) for image i and text i, as `config.grounding_map` says (the
+        module function `grounding_maps`); tokens are projected only here, not on every
+        training step."""
+        return grounding_maps(encoding, texts, self.config, lambda: self.image_head(encoding.tokens))
 
     def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
         """The box of one upsampled map in [0, 1] (`upsample_heatmap`), by this model's rule

@@ -31,6 +31,7 @@ from eclip.model.eclip import (
     ECLIP,
     Grounding,
     ImageEncoding,
+    grounding_maps,
     image_text_scores,
     product_embedding,
     select_instances,
@@ -57,13 +58,14 @@ class ImageEncoderGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         encoding = self.model.encode_image(images)
         product = self.model.product_embedding_from(encoding)
-        projected = self.model.image_head(encoding.tokens)  # (B, N, D)
-        tokens = nn.functional.normalize(projected, dim=-1)
         if encoding.instances is None:
-            return encoding.global_embedding, product, tokens
+            return encoding.global_embedding, product, nn.functional.normalize(self.model.image_head(encoding.tokens), dim=-1)
         decoder = (encoding.global_embedding, product, encoding.instances, encoding.productness, encoding.attention)
-        extra = {"attention": (), "similarity": (tokens,), "contribution": (projected,)}[self.model.config.grounding_map]
-        return (*decoder, *extra)
+        extra = GROUNDING_OUTPUT[self.model.config.grounding_map]
+        if extra is None:
+            return decoder
+        projected = self.model.image_head(encoding.tokens)  # (B, N, D)
+        return (*decoder, nn.functional.normalize(projected, dim=-1) if extra == "token_embeddings" else projected)
 
 
 class TextEncoderGraph(nn.Module):
@@ -75,11 +77,16 @@ class TextEncoderGraph(nn.Module):
         return self.model.encode_text((ids, mask))
 
 
+# what a decoder model's graph adds for its grounding map: projected tokens, normalised for
+# "similarity", not for "contribution" (their dot products with the text weight the attention)
+GROUNDING_OUTPUT = {"attention": None, "similarity": "token_embeddings", "contribution": "token_projections"}
+
+
 def image_output_names(config: ModelConfig) -> list[str]:
     if config.has_decoder:
         decoder = ["global_embedding", "product_embedding", "instances", "productness", "attention"]
-        extra = {"attention": [], "similarity": ["token_embeddings"], "contribution": ["token_projections"]}
-        return decoder + extra[config.grounding_map]
+        extra = GROUNDING_OUTPUT[config.grounding_map]
+        return decoder if extra is None else [*decoder, extra]
     return ["global_embedding", "product_embedding", "token_embeddings"]
 
 
@@ -307,16 +314,8 @@ class OnnxEncoder:
         return image_text_scores(encoding, texts, self.config)
 
     def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.config.effective_grounding_map == "similarity":
-            # token_embeddings are already projected and normalised in the graph
-            sims = torch.einsum("bnd,bd->bn", encoding.tokens, texts)
-            return sims.unflatten(-1, encoding.grid), None
-        sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
-        index = sims.argmax(dim=-1)
-        maps = encoding.attention[torch.arange(len(index)), index]
-        if self.config.grounding_map == "contribution":  # tokens: projected, not normalised
-            maps = maps * torch.einsum("bnd,bd->bn", encoding.tokens, texts).unflatten(-1, encoding.grid)
-        return maps, index
+        # the graph already projected the tokens (normalised for "similarity": normalising again changes nothing)
+        return grounding_maps(encoding, texts, self.config, lambda: encoding.tokens)
 
     def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
         return box_by_rule(heatmap, self.config.box_rule())

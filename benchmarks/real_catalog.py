@@ -1,8 +1,8 @@
 """Real data (issue 3): ECLIP against the CLIP baseline on the Myntra sample, held-out products.
 
-    python benchmarks/myntra.py --threads 2  # the full run (about 50 min on the project's 2-core CPU;
+    python benchmarks/real_catalog.py --threads 2  # the full run (about 50 min on the project's 2-core CPU;
                                              # each fine-tuning arm with its evaluations about 22 min)
-    python benchmarks/myntra.py --quick    # a smoke test: ~100 products, a few steps, about a minute
+    python benchmarks/real_catalog.py --quick    # a smoke test: ~100 products, a few steps, about a minute
 
 1. `styles.csv` -> catalog (`eclip.data.csv_import`, category = subCategory, attributes
    baseColour, gender, usage), read in place from `--data` (default ../shared/data/myntra).
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("eclip.data").setLevel(logging.WARNING)  # per-line catalog chatter
     data = Path(args.data)
     if not (data / "styles.csv").is_file() or not (data / "images").is_dir():
-        print(f"benchmarks/myntra.py: no Myntra data at {data} (styles.csv and images/ expected); skipping.")
+        print(f"benchmarks/real_catalog.py: no Myntra data at {data} (styles.csv and images/ expected); skipping.")
         return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not set(arms) <= {"clip", "eclip"}:
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         del result
 
     timings["total_s"] = round(time.time() - begin, 1)
-    command = "python benchmarks/myntra.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/real_catalog.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {
         "command": command.strip(),
         "machine": machine(),
