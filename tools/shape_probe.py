@@ -53,7 +53,7 @@ def main() -> None:
     fit_products, val_products = products[: -args.val_products], products[-args.val_products :]
     categories = sorted({p.category for p in products})
     config = override(model_preset(args.preset, "clip"), args.set)
-    tower = build_vision_tower(config.vision)
+    tower = build_vision_tower(config.vision, pretrained=True)
 
     def features(images: torch.Tensor) -> torch.Tensor:
         return tower.forward_features(images).pooled

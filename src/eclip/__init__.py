@@ -24,14 +24,17 @@ from .model import ECLIP, Grounding, HashTokenizer, ImageEncoding
 __version__ = "0.1.0"
 
 
-def create_model(preset: str = "tiny", objective: str = "eclip", overrides: list[str] | None = None) -> ECLIP:
-    """A freshly initialised model from a named preset, with `"a.b=value"` overrides."""
+def create_model(
+    preset: str = "tiny", objective: str = "eclip", overrides: list[str] | None = None, pretrained: bool = True
+) -> ECLIP:
+    """A freshly initialised model from a named preset, with `"a.b=value"` overrides; its towers
+    load their pretrained weights unless `pretrained=False` (the architecture only)."""
     from .config import override
 
     config = model_preset(preset, objective)
     if overrides:
         config = override(config, overrides)
-    return ECLIP(config)
+    return ECLIP(config, pretrained=pretrained)
 
 
 __all__ = [

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
 from .model.eclip import ECLIP
-from .model.towers import pretrained_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -72,8 +71,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ECLIP:
     """Rebuild the model from its config and load the weights (strictly: no silent gaps). The
     towers are built without their pretrained weights: nothing is downloaded, and every weight
     comes from model.safetensors."""
-    with pretrained_weights(False):
-        model = ECLIP(load_config(folder))
+    model = ECLIP(load_config(folder), pretrained=False)
     weights = load_file(str(Path(folder) / WEIGHTS_NAME), device=str(device))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)

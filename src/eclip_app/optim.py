@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eclip.model.towers import frozen_prefix_length
+
 # Parameters that are positions, learned tokens or temperatures: decaying them towards zero has
 # no regularising meaning (plus every tensor under two dimensions: norms and biases).
 NO_DECAY_SUFFIXES = (
@@ -55,14 +57,23 @@ def _towers(model: torch.nn.Module):
     return {"vision": model.vision, "text": model.text}
 
 
+def frozen_prefix(model: torch.nn.Module, optim: OptimConfig) -> dict[str, int]:
+    """Per tower, how many leading layers `apply_freezing` freezes: the `num_frozen_layers` of
+    the towers' split forward (`forward_frozen` / `forward_features_from`)."""
+    return {
+        kind: frozen_prefix_length(tower, getattr(optim, f"freeze_{kind}"), getattr(optim, f"unfreeze_last_{kind}_blocks"))
+        for kind, tower in _towers(model).items()
+    }
+
+
 def apply_freezing(model: torch.nn.Module, optim: OptimConfig) -> None:
-    """Set requires_grad of every tower parameter from the config (and nothing else)."""
+    """Set requires_grad of every tower parameter from the config (and nothing else): the
+    parameters in the first `frozen_prefix` layers are frozen."""
+    prefix = frozen_prefix(model, optim)
     for kind, tower in _towers(model).items():
-        layers, n = tower.param_layers()
-        frozen = getattr(optim, f"freeze_{kind}")
-        keep = getattr(optim, f"unfreeze_last_{kind}_blocks")
+        layers, _ = tower.param_layers()
         for name, param in tower.named_parameters():
-            param.requires_grad_(not frozen or layers[name] > n - keep)
+            param.requires_grad_(layers[name] >= prefix[kind])
     model.train(model.training)  # towers put BatchNorms with frozen parameters in eval mode
 
 

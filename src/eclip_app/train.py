@@ -32,7 +32,6 @@ from eclip.data.shards import make_batch_source
 from eclip.io import atomic_write_text, replace_folder, save_model, write_model_files
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
-from eclip.model.towers import pretrained_weights
 
 from .distributed import DistEnv, any_rank, barrier, init_distributed
 from .optim import OptimConfig, apply_freezing, parameter_groups
@@ -212,8 +211,7 @@ def unsharded(model: ECLIP, optimizer, config: ModelConfig, env: DistEnv) -> ECL
     state, _ = full_state(model, optimizer)
     if not env.is_main:
         return model
-    with pretrained_weights(False):  # every weight comes from `state`
-        plain = ECLIP(config)
+    plain = ECLIP(config, pretrained=False)  # every weight comes from `state`
     plain.load_state_dict(state)
     return plain
 
@@ -357,8 +355,7 @@ def train(
         raise ValueError("no training data: set catalog (JSON Lines) or shards (eclip shard)")
     resuming = resume and bool(list_checkpoints(out))
     # a resumed run takes every weight from its checkpoint: no pretrained weights to load (or fetch)
-    with pretrained_weights(not resuming):
-        model = ECLIP(config.model)
+    model = ECLIP(config.model, pretrained=not resuming)
     apply_freezing(model, config.optim)  # before DDP / FSDP wrap the model: they take the trainable set
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -1,6 +1,6 @@
 from .eclip import ECLIP, Grounding, ImageEncoding, select_instances
 from .tokenizer import HashTokenizer
-from .towers import TextTower, VisionFeatures, VisionTower
+from .towers import TextTower, VisionFeatures, VisionTower, build_text_tower, build_vision_tower
 
 __all__ = [
     "ECLIP",
@@ -10,5 +10,7 @@ __all__ = [
     "TextTower",
     "VisionFeatures",
     "VisionTower",
+    "build_text_tower",
+    "build_vision_tower",
     "select_instances",
 ]

@@ -158,11 +158,13 @@ class LogitScale(nn.Module):
 
 
 class ECLIP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, pretrained: bool = True):
+        """`pretrained`: the towers load their pretrained weights (off when a saved model or a
+        checkpoint supplies every weight)."""
         super().__init__()
         self.config = config
-        self.vision = build_vision_tower(config.vision)
-        self.text = build_text_tower(config.text)
+        self.vision = build_vision_tower(config.vision, pretrained)
+        self.text = build_text_tower(config.text, pretrained)
         self.image_head = nn.Linear(self.vision.width, config.embed_dim, bias=False)
         self.text_head = nn.Linear(self.text.width, config.embed_dim, bias=False)
         # CLIP towers bring their projections into CLIP's joint space: starting the heads there
