@@ -12,6 +12,7 @@ from eclip.data.augmentation import product_batch
 from eclip.data.shards import ShardStream
 
 from ..distributed import DistEnv
+from .config import TrainConfig
 
 
 class BatchSource(Protocol):
@@ -106,7 +107,7 @@ def make_batch_source(
     return MapBatchSource(sampler, lambda slots, step: make_batch(store, slots, seed, step, rank, world_size))
 
 
-def make_data_source(config, image_size: int, env: DistEnv, store: ImageStore | None = None) -> MapBatchSource | ShardStream:
+def make_data_source(config: TrainConfig, image_size: int, env: DistEnv, store: ImageStore | None = None) -> MapBatchSource | ShardStream:
     """The source of a TrainConfig: the shard stream when `config.shards` is set, else the
     catalog read map-style. Both give this rank its share of the global P x K batch."""
     common = dict(rank=env.rank, world_size=env.world_size)

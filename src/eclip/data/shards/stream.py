@@ -73,7 +73,8 @@ def generate_batches(config: StreamConfig, worker: int = 0, num_workers: int = 1
     batch (so a DataLoader's worker processes can report them to the main process).
 
     Worker w of n makes the global batches start_step + w, start_step + w + n, ... (the order a
-    DataLoader returns them in); each batch's augmented views come from (seed, rank, step)."""
+    DataLoader returns them in); each batch's augmented views are seeded by (seed, step, the
+    products' slots in the global batch), as the map-style path's (eclip.data.augmentation)."""
     if not config.urls:
         raise ValueError("no shard URLs")
     shard_rng, shuffle_rng, pick_rng = _seeds(config, worker)
