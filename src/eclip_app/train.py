@@ -40,7 +40,7 @@ from .training.config import TrainConfig, load_train_config, make_train_config
 from .training.data import make_data_source
 from .training.logs import RunLogs, ThroughputWindow
 
-__all__ = [  # the names callers import from here; each lives where its docstring says
+__all__ = [  # what callers import from here (some defined in .optim and .training)
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
