@@ -51,9 +51,11 @@ def _grads(model: ECLIP) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _single(accum: int = 1, precision: str = "fp32", checkpointing: bool = False, compile_backend: str | None = None):
+def _single(accum: int = 1, precision: str = "fp32", checkpointing: bool = False, compile_backend: str | None = None, hooks=None):
     model = _model()
     model.set_grad_checkpointing(checkpointing)
+    for register in hooks or []:
+        register(model)
     forward = model
     if compile_backend:
         forward = torch.compile(forward, backend=compile_backend)
@@ -113,20 +115,50 @@ def test_micro_batches_keep_products_whole():
         micro_batches(image_pids, text_pids, 4)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    plain, g1 = _single()
-    ckpt, g2 = _single(checkpointing=True)
+def _count_tower_blocks(calls: list[str]):
+    """A hook registrar: every forward of a tower block appends the block's name (a pre-hook: a
+    recomputation stops once it has what backward needs, before a block's forward returns)."""
+
+    def register(model: ECLIP) -> None:
+        for tower in ("vision", "text"):
+            for name, module in getattr(model, tower).named_modules():
+                if isinstance(module, torch.nn.ModuleList):
+                    for i, block in enumerate(module):
+                        block.register_forward_pre_hook(lambda *_, n=f"{tower}.{name}.{i}": calls.append(n))
+
+    return register
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients():
+    """Checkpointed blocks run forward twice a step (the second time in backward, to recompute
+    the activations they did not keep); the gradients are those of the plain step."""
+    plain_calls, ckpt_calls = [], []
+    plain, g1 = _single(hooks=[_count_tower_blocks(plain_calls)])
+    ckpt, g2 = _single(checkpointing=True, hooks=[_count_tower_blocks(ckpt_calls)])
+    assert plain_calls and sorted(ckpt_calls) == sorted(plain_calls * 2)
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6)
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_bf16_autocast_is_close_to_fp32():
-    plain, _ = _single()
-    bf16, grads = _single(precision="bf16")
+def _linear_dtypes(dtypes: set):
+    def register(model: ECLIP) -> None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda _m, _i, output: dtypes.add(output.dtype))
+
+    return register
+
+
+def test_bf16_autocast_runs_the_layers_in_bf16_and_is_close_to_fp32():
+    fp32_dtypes, bf16_dtypes = set(), set()
+    plain, _ = _single(hooks=[_linear_dtypes(fp32_dtypes)])
+    bf16, grads = _single(precision="bf16", hooks=[_linear_dtypes(bf16_dtypes)])
+    assert fp32_dtypes == {torch.float32} and bf16_dtypes == {torch.bfloat16}  # every linear layer, both towers and the decoder
     assert bf16.finite
     assert bf16.losses["total"] == pytest.approx(plain.losses["total"], rel=0.05)
-    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert bf16.losses != plain.losses  # rounding shows: the step did not run in fp32
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())  # fp32 master weights
 
 
 def test_compiled_forward_gives_the_same_loss():
@@ -185,6 +217,30 @@ def test_tensorboard_and_observability_fields(synth_catalog, tmp_path):
     assert 0.0 <= record["data_wait_fraction"] <= 1.0
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_train_with_compile_matches_eager(synth_catalog, tmp_path, monkeypatch):
+    """train(compile=True) goes through torch.compile (counted) and takes the eager run's steps."""
+    import torch._dynamo
+
+    compiled_calls = []
+    original = torch.compile
+
+    def counting(model, **kwargs):
+        compiled_calls.append(kwargs.get("backend"))
+        return original(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting)
+    eager = train(_config(synth_catalog["train"], tmp_path / "eager", 2, tensorboard=False), progress=False)
+    assert compiled_calls == []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = _config(synth_catalog["train"], tmp_path / "compiled", 2, tensorboard=False, compile=True, compile_backend="aot_eager")
+    compiled = train(config, progress=False)
+    assert compiled_calls == ["aot_eager"] and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo captured graphs
+    assert [r["loss_total"] for r in compiled.history] == pytest.approx([r["loss_total"] for r in eager.history], rel=1e-4)
+    for name, tensor in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 SIGTERM_SCRIPT = """

@@ -17,19 +17,20 @@ import torch
 from PIL import Image
 
 from eclip.data import ImageStore, PKSampler, collate, load_catalog
+from eclip.data.augmentation import augmentation_generator
 from eclip.data.shards import (
     INDEX_NAME,
-    MapBatchSource,
     ShardStream,
     StreamConfig,
     decode_image,
     generate_batches,
-    make_batch_source,
+    merge_shards,
     read_shard,
     write_shards,
 )
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip_app.cli import main
+from eclip_app.training.data import MapBatchSource, make_batch, make_batch_source
 
 S = 32  # image side streamed in these tests
 
@@ -288,16 +289,21 @@ def test_batch_sources_and_cli(catalog, tmp_path):
     assert rank1.next_batch(0).images.shape == (4, 3, S, S)
     with pytest.raises(ValueError, match="divisible"):
         make_batch_source(str(tmp_path), 5, 2, S, rank=0, world_size=2)
-    mapped = make_batch_source(None, 4, 2, S, seed=0, products=products)
+    mapped = make_batch_source(None, 4, 2, S, seed=3, products=products)
     assert isinstance(mapped, MapBatchSource)
     store = ImageStore(products, S)
-    expected = collate(store, PKSampler([len(p.images) for p in products], 4, 2, 0).batch(5), torch.Generator().manual_seed(5))
+    slots = PKSampler([len(p.images) for p in products], 4, 2, 3).batch(5)
+    # each product's views from the generator of its first slot in the global batch
+    expected = [collate(store, slots[i : i + 2], augmentation_generator(3, 5, i)) for i in range(0, 8, 2)]
     got = mapped.next_batch(5)
-    assert torch.equal(got.images, expected.images) and mapped.state_dict()["step"] == 6
-    # the trainer's own batch maker plugs in; the state stays the sampler's
-    calls = []
-    custom = make_batch_source(None, 4, 2, S, store=store, batch_for_slots=lambda slots, step: calls.append(step) or expected)
-    assert custom.next_batch(7) is expected and calls == [7] and custom.state_dict() == {"step": 8, "seed": 0}
+    assert torch.equal(got.images, torch.cat([b.images for b in expected])) and mapped.state_dict() == {"step": 6, "seed": 3}
+    assert got.titles == [t for b in expected for t in b.titles]
+    # two ranks' shares put together are the one-process batch, views included
+    halves = [make_batch_source(None, 4, 2, S, seed=3, store=store, rank=r, world_size=2).next_batch(5) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.images for h in halves]), got.images)
+    assert torch.cat([h.text_pids for h in halves]).tolist() == got.text_pids.tolist()
+    with pytest.raises(ValueError, match="divisible"):
+        make_batch(store, slots, 3, 5, rank=0, world_size=3)
     assert main(["shard", "--catalog", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 1
 
 
@@ -314,3 +320,50 @@ def test_a_missing_reader_library_is_not_mistaken_for_a_missing_index(shard_dir,
     monkeypatch.setitem(sys.modules, "webdataset.gopen", None)
     with pytest.raises(ImportError, match=r"pip install 'eclip\[scale\]'"):
         read_index(folder)
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("image_size", [None, S], ids=["copied", "reencoded"])
+def test_workers_and_ranks_write_what_one_process_writes(catalog, tmp_path, image_size):
+    """2 encoding processes, and 3 ranks merged, give byte for byte the shards and index of one
+    process (by size limit: every shard boundary depends on every sample before it)."""
+    path, _ = catalog
+    options = dict(max_size_mb=0.03, image_size=image_size, seed=4)
+    write_shards(path, tmp_path / "one", workers=1, **options)
+    expected = _folder_bytes(tmp_path / "one")
+    assert len(expected) > 3 and INDEX_NAME in expected
+    write_shards(path, tmp_path / "two", workers=2, **options)
+    assert _folder_bytes(tmp_path / "two") == expected
+
+    out = tmp_path / "ranks"
+    reports = [write_shards(path, out, workers=1, rank=rank, world_size=3, **options) for rank in (2, 0)]
+    assert not (out / INDEX_NAME).exists() and all("part" in r.summary() for r in reports)  # rank 1 is missing
+    with pytest.raises(ValueError, match=r"missing ranks.*\[1\]"):
+        merge_shards(out)
+    merged = write_shards(path, out, workers=2, rank=1, world_size=3, **options)  # completes the set: merges
+    assert _folder_bytes(out) == expected and not (out / ".parts").exists()
+    assert merged.products == json.loads(expected[INDEX_NAME])["products"]
+
+
+def test_shard_cli_ranks_then_merge(catalog, tmp_path, monkeypatch, capsys):
+    """--rank/--world-size write parts; torchrun's RANK/WORLD_SIZE are read when they are not
+    given; --merge merges by hand (here after the automatic merge is prevented)."""
+    path, _ = catalog
+    base = ["shard", "--catalog", str(path), "--max-count", "9", "--no-progress", "--workers", "1"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "ranks"
+    assert main([*base, "--out", str(out), "--rank", "0", "--world-size", "2"]) == 0
+    assert "1 of 2 parts" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("eclip.data.shards.write._claim", lambda path: False)  # as if another rank merges
+    assert main([*base, "--out", str(out)]) == 0
+    assert len(list((out / ".parts").glob("rank-*-of-00002.json"))) == 2 and not (out / INDEX_NAME).exists()
+    monkeypatch.undo()
+    assert main(["shard", "--merge", "--out", str(out), "--no-progress"]) == 0
+    assert _folder_bytes(out) == _folder_bytes(tmp_path / "one")
+    assert main(["shard", "--merge", "--out", str(out)]) == 1  # nothing left to merge
+    assert main(["shard", "--out", str(out)]) == 2  # no catalog

@@ -4,30 +4,17 @@ Nothing here unpickles; every write lands atomically (a temporary folder, then a
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_folder, atomic_write_text, replace_folder  # noqa: F401 (the io API)
 from .config import ModelConfig, from_dict, to_dict
 from .model.eclip import ECLIP
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_model_files(model: ECLIP, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -39,24 +26,10 @@ def write_model_files(model: ECLIP, folder: Path, state: dict[str, torch.Tensor]
     (folder / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2), encoding="utf-8")
 
 
-def replace_folder(tmp: Path, target: Path) -> None:
-    """Move a finished temporary folder into place; an older `target` is removed only after."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def save_model(model: ECLIP, folder: str | Path) -> Path:
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
-    write_model_files(model, tmp)
-    replace_folder(tmp, folder)
+    with atomic_folder(folder) as tmp:
+        write_model_files(model, tmp)
     return folder
 
 

@@ -138,14 +138,29 @@ def _eval_scenes(args) -> int:
 
 
 def _shard(args) -> int:
+    import os
+
     from eclip.data import CatalogError
-    from eclip.data.shards import write_shards
+    from eclip.data.shards import default_workers, merge_shards, write_shards
 
     try:
-        report = write_shards(
-            args.catalog, args.out, max_count=args.max_count, max_size_mb=args.max_size_mb,
-            image_size=args.image_size, jpeg_quality=args.quality, seed=args.seed, progress=not args.no_progress,
-        )
+        if args.merge:
+            report = merge_shards(args.out, progress=not args.no_progress)
+        else:
+            if not args.catalog:
+                print("eclip shard: give --catalog (or --merge to merge the ranks' parts)", file=sys.stderr)
+                return 2
+            # torchrun's environment when --rank / --world-size are not given
+            rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
+            world_size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+            workers = args.workers
+            if workers is None:  # the machine's cores, shared by the ranks torchrun started on it
+                workers = max(1, default_workers() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            report = write_shards(
+                args.catalog, args.out, max_count=args.max_count, max_size_mb=args.max_size_mb,
+                image_size=args.image_size, jpeg_quality=args.quality, seed=args.seed, progress=not args.no_progress,
+                workers=workers, rank=rank, world_size=world_size,
+            )
     except (CatalogError, ValueError) as error:
         print(f"eclip shard: {error}", file=sys.stderr)
         return 1
@@ -276,13 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_eval_scenes)
 
     sh = sub.add_parser("shard", help="write a catalog as product-grouped WebDataset shards (+ shards.json) for streaming")
-    sh.add_argument("--catalog", required=True, help="catalog (JSON Lines)")
+    sh.add_argument("--catalog", help="catalog (JSON Lines)")
     sh.add_argument("--out", required=True, help="shard folder: shard-000000.tar, ... and shards.json")
     sh.add_argument("--max-count", type=int, default=None, help="products per shard at most")
     sh.add_argument("--max-size-mb", type=float, default=None, help="shard file size at most, in MB of 10^6 bytes (default 256 when no --max-count)")
     sh.add_argument("--image-size", type=int, default=None, help="resize images to SxS and re-encode as JPEG (default: copy the files as they are)")
     sh.add_argument("--quality", type=int, default=90, help="JPEG quality with --image-size")
     sh.add_argument("--seed", type=int, default=0, help="seed of the product order (shuffled across shards)")
+    sh.add_argument("--workers", type=int, default=None, help="processes encoding images (default: one per core); the output does not depend on it")
+    sh.add_argument("--rank", type=int, default=None, help="this process's share of the products (default: RANK from torchrun, else 0)")
+    sh.add_argument("--world-size", type=int, default=None, help="processes sharing the catalog (default: WORLD_SIZE from torchrun, else 1); "
+                    "each writes a part under OUT/.parts and the one that completes the set merges them into the shards")
+    sh.add_argument("--merge", action="store_true", help="merge the ranks' parts under OUT/.parts into shards + shards.json (needs only --out)")
     sh.add_argument("--no-progress", action="store_true")
     sh.set_defaults(func=_shard)
 

@@ -145,3 +145,33 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2: every block of every stack (the elements of each `nn.ModuleList`: tower blocks,
+    decoder layers) is its own unit, gathered for its forward and backward only; the rest
+    (embeddings, heads, queries, logit scales) forms the root unit. In place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList):
+            for block in module:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
+    fully_shard(model)
+
+
+def parallelize(model: torch.nn.Module, env: DistEnv, fsdp: bool = False, find_unused: bool = False) -> torch.nn.Module:
+    """What the step runs forward through: the model itself on one process, DDP on several, or
+    the model sharded in place (FSDP2, `fsdp`; several processes only)."""
+    if fsdp:
+        if not env.distributed:
+            raise ValueError("fsdp=true needs several processes (launch with torchrun)")
+        shard_model(model)
+        return model
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)

@@ -8,6 +8,7 @@ it works the same for the built-in, open_clip, timm and Hugging Face towers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,25 @@ def parameter_groups(
             group["lr"] = lr * scale
         groups.append(group)
     return groups
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """The lr factor of a step: linear warm-up, then a cosine down to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `parameter_groups` of a TrainConfig's settings; fused where torch has the
+    kernel for the device unless `config.fused_adamw` says otherwise."""
+    groups = parameter_groups(model, config.weight_decay, config.lr, config.optim)
+    fused = config.fused_adamw
+    if fused is None:  # auto: fused where torch has a fused kernel for the device
+        fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=bool(fused) or None)

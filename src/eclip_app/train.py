@@ -1,208 +1,58 @@
-"""Single-process training: AdamW with parameter groups, warm-up then cosine, gradient clipping,
-atomic checkpoints with everything a resume needs, a progress bar and a JSON Lines log."""
+"""The training loop, on one process or under `torchrun` (DDP or FSDP2): AdamW with parameter
+groups, warm-up then cosine, gradient clipping, non-finite steps skipped, a checkpoint on a
+schedule and on SIGTERM, a progress bar and a JSON Lines log. Its parts are in
+`eclip_app.training` (config, checkpoints, batch sources, logs)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from eclip.config import (
-    LossConfig,
-    ModelConfig,
-    model_preset,
-    objective_preset,
-    override,
-    to_dict,
-)
-from eclip.data import Batch, ImageStore, collate, load_catalog
-from eclip.data.shards import make_batch_source
-from eclip.io import atomic_write_text, replace_folder, save_model, write_model_files
+from eclip.atomic import atomic_write_text
+from eclip.config import ModelConfig, to_dict
+from eclip.data import ImageStore
+from eclip.io import save_model
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
 
-from .distributed import DistEnv, any_rank, barrier, init_distributed
-from .optim import OptimConfig, apply_freezing, parameter_groups
+from .distributed import DistEnv, any_rank, barrier, init_distributed, parallelize
+from .optim import apply_freezing, build_optimizer, parameter_groups, warmup_cosine
 from .step import TrainStep
+from .training.checkpoint import (
+    checkpoint_dir,
+    full_state,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .training.config import TrainConfig, load_train_config, make_train_config
+from .training.data import make_data_source
+from .training.logs import RunLogs, ThroughputWindow
+
+__all__ = [  # what callers import from here (some defined in .optim and .training)
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "build_optimizer",
+    "list_checkpoints",
+    "load_train_config",
+    "make_train_config",
+    "parameter_groups",
+    "train",
+    "warmup_cosine",
+]
 
 logger = logging.getLogger("eclip.train")
-
-STATE_NAME = "train_state.pt"
-
-
-@dataclass
-class TrainConfig:
-    catalog: str = ""  # a catalog (JSON Lines), read map-style; or:
-    shards: str = ""  # WebDataset shards (`eclip shard`): a folder, a shards.json, a brace pattern or any fsspec URL
-    data_workers: int = 0  # shard-reading worker processes per rank (0: in the training process)
-    shuffle_buffer: int = 1000  # products held for shuffling by each shard reader
-    out_dir: str = "runs/train"
-    model_preset: str = "tiny"
-    objective: str = "eclip"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    # freezing / tower lr / layer-wise decay of pretrained towers (eclip_app.optim)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    steps: int = 1000
-    products_per_batch: int = 32  # P
-    images_per_product: int = 3  # K
-    lr: float = 2e-3  # 3e-3 diverged on ShopSynth with the tiny preset; 1e-3 learned slower
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off (the norm is still logged)
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    # --- scale and efficiency (all off by default: the CPU demo needs none of them)
-    device: str = "auto"  # auto: cuda:LOCAL_RANK when a GPU is there, else cpu
-    precision: str = "fp32"  # or "bf16": autocast of the towers and decoder; losses in fp32
-    accum_steps: int = 1  # micro-batches per step; the losses still see the whole batch
-    grad_checkpointing: bool = False  # recompute tower blocks in backward: less memory
-    compile: bool = False  # torch.compile the forward
-    compile_backend: str = "inductor"
-    fused_adamw: bool | None = None  # None: fused where torch has the kernel
-    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
-    tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
-    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, for towers too big for one device
-
-
-def make_train_config(model_preset_name: str = "tiny", objective: str = "eclip", **fields) -> TrainConfig:
-    """A TrainConfig whose model and loss come from the named presets."""
-    return TrainConfig(
-        model_preset=model_preset_name,
-        objective=objective,
-        model=model_preset(model_preset_name, objective),
-        loss=objective_preset(objective),
-        **fields,
-    )
-
-
-def load_train_config(path: str | None, assignments: list[str] | None = None) -> TrainConfig:
-    """From a TOML or JSON file (presets first, then the file's fields), then overrides."""
-    data: dict = {}
-    if path:
-        text = Path(path).read_text(encoding="utf-8")
-        if path.endswith(".toml"):
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    assignments = list(assignments or [])
-    # preset names may come from the file or the command line; they decide the base config
-    presets = {"model_preset": data.pop("model_preset", "tiny"), "objective": data.pop("objective", "eclip")}
-    for a in list(assignments):
-        key = a.split("=", 1)[0].strip()
-        if key in presets:
-            presets[key] = a.split("=", 1)[1].strip()
-            assignments.remove(a)
-    config = make_train_config(presets["model_preset"], presets["objective"])
-    config = override(config, [f"{k}={json.dumps(v)}" for k, v in _flatten(data)])
-    return override(config, assignments)
-
-
-def _flatten(data: dict, prefix: str = ""):
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-# ----------------------------------------------------------------------------- optimisation
-
-
-# parameter_groups (weight decay, freezing, tower lr, layer decay) lives in eclip_app.optim
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    folder = checkpoint_dir(out_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def full_state(model, optimizer) -> tuple[dict, dict]:
-    """Whole (unsharded) model and optimiser state, optimiser keyed by parameter name: the same
-    checkpoint resumes on one process, under DDP or under FSDP, on any number of ranks. A
-    collective under FSDP (every rank calls it; rank 0 receives the tensors, on the CPU)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(out_dir, model, optimizer, scheduler, source, step: int, keep: int, write: bool = True) -> Path:
-    """Weights (safetensors), optimiser, scheduler and the data position (`source`: the P x K
-    sampler, or the shard stream); written to a temporary
-    folder and renamed, so a kill mid-write leaves the previous checkpoint intact. Every rank
-    calls it (gathering sharded state is collective); only the one with `write` writes."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    folder = checkpoint_dir(out_dir)
-    target = folder / f"step_{step:08d}"
-    if not write:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp_step_"))
-    write_model_files(model, tmp, model_state)
-    torch.save(
-        {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sampler": source.state_dict()},
-        tmp / STATE_NAME,
-    )
-    replace_folder(tmp, target)
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, source) -> int:
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    state = torch.load(path / STATE_NAME, weights_only=True)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=load_file(str(path / "model.safetensors")),
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True, strict=True),
-    )
-    scheduler.load_state_dict(state["scheduler"])
-    source.load_state_dict(state["sampler"])
-    return int(state["step"])
 
 
 def unsharded(model: ECLIP, optimizer, config: ModelConfig, env: DistEnv) -> ECLIP:
@@ -214,20 +64,6 @@ def unsharded(model: ECLIP, optimizer, config: ModelConfig, env: DistEnv) -> ECL
     plain = ECLIP(config, pretrained=False)  # every weight comes from `state`
     plain.load_state_dict(state)
     return plain
-
-
-def shard_model(model: ECLIP) -> None:
-    """FSDP2: every block of every stack (the elements of each `nn.ModuleList`: tower blocks,
-    decoder layers) is its own unit, gathered for its forward and backward only; the rest
-    (embeddings, heads, queries, logit scales) forms the root unit. In place."""
-    from torch.distributed.fsdp import fully_shard
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList):
-            for block in module:
-                if any(p.requires_grad for p in block.parameters()):
-                    fully_shard(block)
-    fully_shard(model)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -245,61 +81,6 @@ class TrainResult:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def augmentation_generator(seed: int, step: int, slot: int = 0) -> torch.Generator:
-    """Augmentation randomness is a function of (seed, step, position in the global batch): a
-    resumed run, or the same run on another number of ranks, draws the same views."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 7_919 + slot)
-
-
-def rank_slice(slots: list, world_size: int, rank: int) -> tuple[list, int]:
-    """This rank's contiguous share of the global batch's products (whole products, so a
-    product's images and title stay together), and the share's first slot index."""
-    products = list(dict.fromkeys(slot.product for slot in slots))
-    if len(products) % world_size:
-        raise ValueError(f"products_per_batch={len(products)} is not divisible by {world_size} ranks")
-    share = len(products) // world_size
-    mine = set(products[rank * share : (rank + 1) * share])
-    first = next(i for i, slot in enumerate(slots) if slot.product in mine)
-    return [slot for slot in slots if slot.product in mine], first
-
-
-def make_batch(store: ImageStore, slots: list, seed: int, step: int, env: DistEnv) -> Batch:
-    """This rank's part of the global batch drawn at `step`; augmented views are drawn per
-    product with a generator of its position, so they do not depend on the number of ranks."""
-    mine, first = rank_slice(slots, env.world_size, env.rank)
-    by_product: dict[int, list] = {}
-    for slot in mine:
-        by_product.setdefault(slot.product, []).append(slot)
-    parts, offset = [], first
-    for group in by_product.values():
-        parts.append(collate(store, group, augmentation_generator(seed, step, offset)))
-        offset += len(group)
-    return Batch(
-        images=torch.cat([b.images for b in parts]),
-        image_pids=torch.cat([b.image_pids for b in parts]),
-        titles=[t for b in parts for t in b.titles],
-        text_pids=torch.cat([b.text_pids for b in parts]),
-    )
-
-
-def make_data_source(config: TrainConfig, image_size: int, env: DistEnv, store: ImageStore | None = None):
-    """Where the loop's batches come from (`source.next_batch(step)`, with a state for the
-    checkpoint): the shard stream when `config.shards` is set, else the catalog read map-style
-    with the seeded P x K sampler. Both give this rank its share of the global P x K batch."""
-    if config.shards:
-        return make_batch_source(
-            config.shards, config.products_per_batch, config.images_per_product, image_size, config.seed,
-            rank=env.rank, world_size=env.world_size, num_workers=config.data_workers, shuffle_buffer=config.shuffle_buffer,
-        )
-    products, _ = load_catalog(config.catalog)  # logs its own summary
-    if store is None or store.image_size != image_size:
-        store = ImageStore(products, image_size)
-    return make_batch_source(
-        None, config.products_per_batch, config.images_per_product, image_size, config.seed, store=store,
-        batch_for_slots=lambda slots, step: make_batch(store, slots, config.seed, step, env),
-    )
 
 
 class StopSignal:
@@ -325,14 +106,6 @@ class StopSignal:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, config.weight_decay, config.lr, config.optim)
-    fused = config.fused_adamw
-    if fused is None:  # auto: fused where torch has a fused kernel for the device
-        fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=bool(fused) or None)
 
 
 def train(
@@ -362,21 +135,11 @@ def train(
     model.to(env.device)
     criterion = ECLIPLoss(config.loss)
     source = make_data_source(config, model.image_size, env, store)
-    forward: torch.nn.Module = model
-    if config.fsdp:
-        if not env.distributed:
-            raise ValueError("fsdp=true needs several processes (launch with torchrun)")
-        shard_model(model)
-    elif env.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # an objective switched off leaves its logit scale without a gradient
-        unused = config.model.decoder is not None and not all(
-            (config.loss.inter_weight, config.loss.intra_weight, config.loss.productness_weight)
-        )
-        forward = DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, find_unused_parameters=unused
-        )
+    # an objective switched off leaves its logit scale without a gradient (DDP must be told)
+    unused = config.model.decoder is not None and not all(
+        (config.loss.inter_weight, config.loss.intra_weight, config.loss.productness_weight)
+    )
+    forward = parallelize(model, env, fsdp=config.fsdp, find_unused=unused)
     if config.compile:
         forward = torch.compile(forward, backend=config.compile_backend)
     optimizer = build_optimizer(model, config, env.device)  # after sharding: FSDP's parameters
@@ -464,71 +227,3 @@ def train(
     barrier()
     return TrainResult(model=final, history=logs.history, out_dir=out, seconds=time.time() - begin,
                        stopped_by_signal=stop.received is not None, skipped_steps=skipped)
-
-
-class ThroughputWindow:
-    """Samples/s and the fraction of wall time spent waiting for data since the last read."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.samples, self.data_time = time.perf_counter(), 0, 0.0
-
-    def add(self, samples: int, data_time: float) -> None:
-        self.samples += samples
-        self.data_time += data_time
-
-    def read(self, world_size: int) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {
-            "samples_per_s": round(self.samples / elapsed, 2),
-            "samples_per_s_per_device": round(self.samples / elapsed / world_size, 2),
-            "data_wait_fraction": round(min(1.0, self.data_time / elapsed), 4),
-        }
-        self.reset()
-        return out
-
-
-class RunLogs:
-    """metrics.jsonl (always) and TensorBoard event files (when installed and enabled), written
-    by rank 0 only."""
-
-    def __init__(self, out: Path, history: list[dict], enabled: bool, tensorboard: bool):
-        self.history = history
-        self.enabled = enabled
-        self.file = None
-        self.writer = None
-        if not enabled:
-            return
-        path = out / "metrics.jsonl"
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
-        self.file = path.open("a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # the `scale` extra is not installed
-                logger.warning("tensorboard is not installed; logging to metrics.jsonl only")
-            else:
-                self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=history[-1]["step"] + 1 if history else None)
-
-    def write(self, record: dict) -> None:
-        self.history.append(record)
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    tag = key.replace("loss_", "loss/", 1).replace("lr_", "lr/", 1)
-                    self.writer.add_scalar(tag, value, record["step"])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()
-        if self.writer is not None:
-            self.writer.close()

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eclip.io import replace_folder
+from eclip.atomic import atomic_folder
 
 FORMAT = "eclip-product-index"
 FORMAT_VERSION = 1
@@ -462,37 +461,27 @@ class ProductIndex:
 
     def save(self, folder) -> None:
         """Write the index folder atomically: a temporary sibling folder, then a rename."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp"))
-        try:
-            with self._lock.read():  # searches may go on while saving; updates wait
-                faiss.write_index(self._index, str(tmp / "index.faiss"))
-                live = [v for v in range(self._next_id) if self._vec_pid[v] is not None]
-                vectors = pa.table({
-                    "id": pa.array(live, type=pa.int64()),
-                    "product_id": pa.array([self._vec_pid[v] for v in live], type=pa.string()),
-                    "image_path": pa.array([self._vec_path[v] for v in live], type=pa.string()),
-                })
-                pq.write_table(vectors, tmp / "vectors.parquet")
-                products = pa.table({
-                    "product_id": pa.array(list(self._products), type=pa.string()),
-                    "metadata": pa.array([json.dumps(m, ensure_ascii=False) for m in self._products.values()], type=pa.string()),
-                })
-                pq.write_table(products, tmp / "products.parquet")
-                header = {
-                    "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
-                    "params": self.params, "next_id": self._next_id, "products": len(self._products),
-                    "vectors": self._live_vectors, "faiss_ntotal": int(self._index.ntotal), "info": self.info,
-                }
-                # index.json last: a folder with it is complete (the rename makes it atomic anyway)
-                (tmp / "index.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
-            replace_folder(tmp, folder)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_folder(folder) as tmp, self._lock.read():  # searches may go on while saving; updates wait
+            faiss.write_index(self._index, str(tmp / "index.faiss"))
+            live = [v for v in range(self._next_id) if self._vec_pid[v] is not None]
+            vectors = pa.table({
+                "id": pa.array(live, type=pa.int64()),
+                "product_id": pa.array([self._vec_pid[v] for v in live], type=pa.string()),
+                "image_path": pa.array([self._vec_path[v] for v in live], type=pa.string()),
+            })
+            pq.write_table(vectors, tmp / "vectors.parquet")
+            products = pa.table({
+                "product_id": pa.array(list(self._products), type=pa.string()),
+                "metadata": pa.array([json.dumps(m, ensure_ascii=False) for m in self._products.values()], type=pa.string()),
+            })
+            pq.write_table(products, tmp / "products.parquet")
+            header = {
+                "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
+                "params": self.params, "next_id": self._next_id, "products": len(self._products),
+                "vectors": self._live_vectors, "faiss_ntotal": int(self._index.ntotal), "info": self.info,
+            }
+            # index.json last: a folder with it is complete (the rename makes it atomic anyway)
+            (tmp / "index.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, folder) -> ProductIndex:
