@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig, model_preset
+from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip.io import load_model, save_model
 from eclip.model import ECLIP
 from eclip.model.external import Renormalize, load_exactly
 from eclip.model.towers import build_text_tower, build_vision_tower, pretrained_weights
+from eclip.presets import model_preset
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")

@@ -33,15 +33,6 @@ def _train(args) -> int:
     return 0
 
 
-def _read_as(model, args):
-    """A saved model read as --readout / --grounding-map say (its weights are untouched)."""
-    if args.readout:
-        model.config.readout = args.readout
-    if args.grounding_map:
-        model.config.grounding_map = args.grounding_map
-    return model
-
-
 def _read_options(parser) -> None:
     from eclip.config import GROUNDING_MAPS, READOUTS
 
@@ -56,9 +47,10 @@ def _eval(args) -> int:
 
     from .report import comparison_table
 
-    model = _read_as(load_model(args.model), args)
+    model = load_model(args.model)
     products, _ = load_catalog(args.catalog)
-    results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json)
+    results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json,
+                       readout=args.readout, grounding_map=args.grounding_map)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -129,10 +121,11 @@ def _eval_scenes(args) -> int:
     from eclip.io import load_model
     from eclip.scene_eval import evaluate_scenes
 
-    model = _read_as(load_model(args.model), args)
+    model = load_model(args.model)
     scenes, _ = load_catalog(args.scenes)
     catalog, _ = load_catalog(args.catalog)
-    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress)
+    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress,
+                              readout=args.readout, grounding_map=args.grounding_map)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -22,8 +22,6 @@ from tqdm import tqdm
 from eclip.config import (
     LossConfig,
     ModelConfig,
-    model_preset,
-    objective_preset,
     override,
     to_dict,
 )
@@ -33,6 +31,7 @@ from eclip.io import atomic_write_text, replace_folder, save_model, write_model_
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
 from eclip.model.towers import pretrained_weights
+from eclip.presets import model_preset, objective_preset
 
 from .distributed import DistEnv, any_rank, barrier, init_distributed
 from .optim import OptimConfig, apply_freezing, parameter_groups
@@ -363,7 +362,7 @@ def train(
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(env.device)
-    criterion = ECLIPLoss(config.loss)
+    criterion = ECLIPLoss(config.loss, config.model.selection, config.model.selection_temperature)
     source = make_data_source(config, model.image_size, env, store)
     forward: torch.nn.Module = model
     if config.fsdp:
