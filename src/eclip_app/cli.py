@@ -18,7 +18,11 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from .train import load_train_config, train
 
-    config = load_train_config(args.config, args.set)
+    try:
+        config = load_train_config(args.config, args.set)
+    except ValueError as error:  # a bad --set or config file: one line, before anything runs
+        print(f"eclip train: {error}", file=sys.stderr)
+        return 2
     if args.catalog:
         config.catalog = args.catalog
     if args.shards:
