@@ -70,13 +70,14 @@ def _with_global(instance: torch.Tensor, global_embedding: torch.Tensor, readout
 class Inference:
     """Selection, scores, product embedding and grounding on top of a backend's primitives.
 
-    A subclass sets `config` and implements `encode_image`, `encode_text` and
+    A subclass sets `config` and `image_size` and implements `encode_image`, `encode_text` and
     `projected_tokens`; everything else here is shared, so every backend reads a model the same
     way. The baseline (no decoder) always reads the global head and grounds with "similarity",
     whatever `readout` or `grounding_map` is asked for.
     """
 
     config: ModelConfig
+    image_size: int  # the square input resolution `encode_image` expects (preprocessing resizes to it)
 
     # ------------------------------------------------------------------ primitives
 
