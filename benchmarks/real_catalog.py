@@ -54,13 +54,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from eclip.config import model_preset, override  # noqa: E402
+from eclip.config import override  # noqa: E402
 from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
 from eclip.data.compose import ComposeConfig, compose_catalog  # noqa: E402
 from eclip.data.csv_import import csv_to_catalog  # noqa: E402
 from eclip.evaluation import evaluate  # noqa: E402
 from eclip.io import load_model  # noqa: E402
 from eclip.model import ECLIP  # noqa: E402
+from eclip.presets import model_preset  # noqa: E402
 from eclip.scene_eval import evaluate_scenes  # noqa: E402
 from eclip_app.optim import OptimConfig  # noqa: E402
 from eclip_app.train import make_train_config, train  # noqa: E402

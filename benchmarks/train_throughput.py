@@ -30,11 +30,11 @@ from eclip.config import (
     ModelConfig,
     TextConfig,
     VisionConfig,
-    objective_preset,
 )
 from eclip.data import Batch
 from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
+from eclip.presets import objective_preset
 from eclip_app.step import TrainStep
 
 # A small open_clip config for CPU runs (registered with open_clip under this name).

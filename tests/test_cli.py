@@ -127,6 +127,9 @@ def test_train_command_and_resume(tmp_path, synth_catalog, capsys):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines][-1] == 4
     assert main(["-q", "train", "--no-progress"]) == 2
+    capsys.readouterr()
+    assert main(["-q", "train", "--catalog", str(synth_catalog["train"]), "--set", "model.grounding_map=bad"]) == 2
+    assert "ModelConfig.grounding_map must be one of ('attention', 'similarity', 'contribution'), not 'bad'" in capsys.readouterr().err
 
 
 def test_cli_works_without_the_search_extra():

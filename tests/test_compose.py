@@ -185,11 +185,11 @@ def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):
     table = _oracle_lookup(model, scene_products, catalog_products)
     ids = sorted({p.product_id for p in catalog_products})
 
-    def product_embedding(images):
+    def product_embedding(images, readout=None):
         index = [ids.index(table[image.numpy().tobytes()][0]) for image in images]
         return torch.nn.functional.one_hot(torch.tensor(index), len(ids)).float()
 
-    def ground(images, texts):
+    def ground(images, texts, grounding_map=None):
         boxes = [table[image.numpy().tobytes()][1] for image in images]
         size = images.shape[-1]
         heatmaps = torch.zeros(len(images), size, size)

@@ -59,18 +59,18 @@ class _ColourModel:
         rgb = (images.mean(dim=(2, 3)) + 1) / 2  # back to [0, 1]
         return torch.nn.functional.normalize(torch.cat([rgb, torch.zeros(len(rgb), 1)], dim=1), dim=-1)
 
-    def image_text_scores(self, encoding, texts):
+    def image_text_scores(self, encoding, texts, readout=None):
         return encoding @ texts.T
 
-    def product_embedding_from(self, encoding):
+    def product_embedding_from(self, encoding, readout=None):
         return encoding
 
-    def heatmaps_from(self, encoding, texts):
+    def heatmaps_from(self, encoding, texts, grounding_map=None):
         import torch
 
         return torch.ones(len(encoding), 2, 2), None
 
-    def box_from_heatmap(self, heatmap):
+    def box_from_heatmap(self, heatmap, grounding_map=None):
         from eclip.model.grounding import box_from_heatmap
 
         return box_from_heatmap(heatmap)

@@ -124,8 +124,60 @@ def test_export_keeps_the_readout(tmp_path):
         assert (mixed.product_embedding_from(ref) - encoder.product_embedding_from(got)).abs().max() < TOL
         assert (mixed.image_text_scores(ref, texts) - encoder.image_text_scores(got, texts)).abs().max() < TOL
         # and it is the mix, not the instances alone
-        mixed.config.readout = "instance"
-        assert (mixed.product_embedding_from(ref) - encoder.product_embedding_from(got)).abs().max() > 1e-2
+        assert (mixed.product_embedding_from(ref, "instance") - encoder.product_embedding_from(got)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("readout", ["instance", "global", "mix"])
+def test_every_readout_reads_the_same_on_both_backends(model, encoder, readout):
+    """The graph's product embedding is the config's readout; another readout asked for is
+    computed from the graph's instances and productness, as PyTorch computes it."""
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    texts = model.encode_text(["red tee", "blue mug", "green hat", "shoe"])
+    with torch.inference_mode():
+        ref, got = model.encode_image(images), encoder.encode_image(images)
+        pairs = [
+            (model.product_embedding_from(ref, readout), encoder.product_embedding_from(got, readout)),
+            (model.product_embedding(images, readout), encoder.product_embedding(images, readout)),
+            (model.image_text_scores(ref, texts, readout), encoder.image_text_scores(got, texts, readout)),
+            (model.text_guided_embedding(ref, texts, readout), encoder.text_guided_embedding(got, texts, readout)),
+        ]
+    for a, b in pairs:
+        assert (a - b).abs().max() < TOL
+    # the readouts differ from each other, so each comparison above tests its own readout
+    others = [r for r in ("instance", "global", "mix") if r != readout]
+    for other in others:
+        assert (encoder.product_embedding_from(got, other) - pairs[0][1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="readout must be one of"):
+        encoder.image_text_scores(got, texts, readout="all")
+
+
+def test_grounding_maps_as_arguments_on_both_backends(tmp_path):
+    """An export that holds the unnormalised projected tokens grounds with every map; one
+    without them says which export it needs."""
+    torch.manual_seed(5)
+    config = micro_config()
+    config.decoder.instance_features = "tokens"
+    config.grounding_map = "contribution"
+    model = ECLIP(config).eval()
+    assert export_onnx(model, tmp_path / "contribution").ok
+    encoder = OnnxEncoder.load(tmp_path / "contribution")
+    images = torch.randn(2, 3, 32, 32)
+    texts = ["red tee", "blue mug"]
+    with torch.inference_mode():
+        for name in ("attention", "similarity", "contribution"):
+            a, b = model.ground(images, texts, name), encoder.ground(images, texts, name)
+            assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3, name
+            assert a.boxes == b.boxes, name
+            assert (a.query_index is None) == (b.query_index is None) == (name == "similarity")
+        with pytest.raises(ValueError, match="grounding_map must be one of"):
+            encoder.ground(images, texts, "peak")
+
+    config.grounding_map = "attention"  # this export has no projected tokens
+    assert export_onnx(ECLIP(config).eval(), tmp_path / "attention").ok
+    attention_only = OnnxEncoder.load(tmp_path / "attention")
+    assert attention_only.ground(images, texts).query_index is not None
+    with pytest.raises(ValueError, match="cannot ground with grounding_map='contribution'.*token_projections"):
+        attention_only.ground(images, texts, "contribution")
 
 
 def test_tokenizer_json_is_enough_to_tokenise(model, exported):

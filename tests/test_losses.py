@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eclip.config import LossConfig, objective_preset
+from eclip.config import LossConfig
 from eclip.losses import ECLIPLoss, multi_positive_infonce, own_text_index, symmetric_infonce
 from eclip.model import ECLIP
+from eclip.presets import objective_preset
 
 from .conftest import micro_config
 
@@ -42,6 +43,43 @@ def test_symmetric_infonce_averages_both_directions():
     torch.testing.assert_close(symmetric_infonce(logits, positives), (a + b) / 2)
 
 
+def _features(model, encoding, texts) -> dict:
+    """What `ECLIP.forward` returns, from an encoding and text embeddings."""
+    return {
+        "global_embedding": encoding.global_embedding,
+        "instances": encoding.instances,
+        "productness": encoding.productness,
+        "texts": texts,
+        **{f"scale_{name}": scale() for name, scale in model.logit_scales.items()},
+    }
+
+
+def test_criterion_reads_the_forward_features_not_the_model():
+    torch.manual_seed(3)
+    model = ECLIP(micro_config())
+    images = torch.randn(4, 3, 32, 32)
+    ids, mask = model.tokenizer(["red tee", "blue mug"])
+    image_pids, text_pids = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1])
+    out = model(images, ids, mask)
+    losses = ECLIPLoss(LossConfig())(out, image_pids, text_pids)
+    assert set(losses) == {"global", "inter", "intra", "productness", "total"}
+    # scales given apart replace the features' scale_* entries: doubling them changes the losses
+    doubled = {name: 2 * out[f"scale_{name}"] for name in ("global", "inter", "intra")}
+    assert not torch.allclose(ECLIPLoss(LossConfig())(out, image_pids, text_pids, doubled)["global"], losses["global"])
+    # the inter objective scores with the selection rule it is given (the model's)
+    soft = ECLIPLoss(LossConfig(), selection="softmax")(out, image_pids, text_pids)["inter"]
+    hard = ECLIPLoss(LossConfig(), selection="max")(out, image_pids, text_pids)["inter"]
+    torch.testing.assert_close(soft, losses["inter"])
+    assert not torch.allclose(soft, hard)
+
+
+def test_a_bad_loss_config_fails_when_the_criterion_is_built():
+    config = LossConfig()
+    config.intra_mode = "across"  # set past the constructor
+    with pytest.raises(ValueError, match=r"LossConfig.intra_mode must be one of \('cross_image', 'within_image'\)"):
+        ECLIPLoss(config)
+
+
 def _batch(model, seed=0, products=4, k=2):
     torch.manual_seed(seed)
     images = torch.randn(products * k, 3, 32, 32)
@@ -74,7 +112,7 @@ def test_same_product_pairs_are_never_negatives(intra_mode):
     same = (image_pids[:, None] == image_pids[None, :]) & ~eye
     multi_positive_infonce((10 * sims).masked_fill(eye, float("-inf")), same).backward()
     assert (sims.grad[same] <= 1e-7).all()
-    losses = criterion(model, encoding, texts, image_pids, text_pids)
+    losses = criterion(_features(model, encoding, texts), image_pids, text_pids)
     assert set(losses) == {"global", "inter", "intra", "productness", "total"}
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -84,16 +122,16 @@ def test_total_is_weighted_sum_and_clip_preset_is_global_only():
     model = ECLIP(micro_config())
     encoding, texts, image_pids, text_pids = _batch(model)
     cfg = LossConfig(global_weight=1.0, inter_weight=0.5, intra_weight=2.0, productness_weight=0.25)
-    losses = ECLIPLoss(cfg)(model, encoding, texts, image_pids, text_pids)
+    losses = ECLIPLoss(cfg)(_features(model, encoding, texts), image_pids, text_pids)
     expected = losses["global"] + 0.5 * losses["inter"] + 2.0 * losses["intra"] + 0.25 * losses["productness"]
     torch.testing.assert_close(losses["total"], expected)
 
     baseline = ECLIP(micro_config(decoder=False))
     enc_b, texts_b, _, _ = _batch(baseline)
-    clip_losses = ECLIPLoss(objective_preset("clip"))(baseline, enc_b, texts_b, image_pids, text_pids)
+    clip_losses = ECLIPLoss(objective_preset("clip"))(_features(baseline, enc_b, texts_b), image_pids, text_pids)
     assert set(clip_losses) == {"global", "total"}
     with pytest.raises(ValueError, match="instance decoder"):
-        ECLIPLoss(objective_preset("eclip"))(baseline, enc_b, texts_b, image_pids, text_pids)
+        ECLIPLoss(objective_preset("eclip"))(_features(baseline, enc_b, texts_b), image_pids, text_pids)
 
 
 def test_instance_objectives_ramp_in_over_their_warmup():
@@ -105,7 +143,7 @@ def test_instance_objectives_ramp_in_over_their_warmup():
     encoding, texts, image_pids, text_pids = _batch(model)
     criterion = ECLIPLoss(cfg)
     criterion.set_step(4)
-    losses = criterion(model, encoding, texts, image_pids, text_pids)
+    losses = criterion(_features(model, encoding, texts), image_pids, text_pids)
     instance = 0.5 * losses["inter"] + losses["intra"] + losses["productness"]
     torch.testing.assert_close(losses["total"], losses["global"] + 0.4 * instance)
     assert losses["inter"] > 0  # still computed (and logged) at full value
@@ -120,7 +158,7 @@ def test_productness_is_zero_when_it_matches_selection():
     target = weights[torch.arange(len(own)), own].detach()
     encoding.productness = target.log()  # productness logits equal to the selection
     cfg = LossConfig(global_weight=0, inter_weight=0, intra_weight=0, productness_weight=1)
-    loss = ECLIPLoss(cfg)(model, encoding, texts, image_pids, text_pids)["productness"]
+    loss = ECLIPLoss(cfg)(_features(model, encoding, texts), image_pids, text_pids)["productness"]
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 

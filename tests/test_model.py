@@ -1,11 +1,15 @@
+import json
+import re
+
 import pytest
 import torch
 
 import eclip
-from eclip.config import BoxRule, ModelConfig, model_preset, override
+from eclip.config import BoxRule, LossConfig, ModelConfig, from_dict, override, to_dict
 from eclip.model import ECLIP, HashTokenizer, select_instances
-from eclip.model.grounding import box_from_heatmap, box_iou
+from eclip.model.grounding import box_by_rule, box_from_heatmap, box_iou, upsample_heatmap
 from eclip.model.layers import sine_position_encoding_2d
+from eclip.presets import model_preset
 
 from .conftest import micro_config
 
@@ -70,7 +74,6 @@ def test_selection_softmax_and_max():
 def test_product_embedding_follows_productness():
     torch.manual_seed(3)
     model = ECLIP(micro_config()).eval()
-    model.config.readout = "instance"  # the decoder alone (the default mixes in the global head)
     with torch.no_grad():
         model.productness_head.weight.zero_()
         model.productness_head.bias.zero_()
@@ -78,42 +81,45 @@ def test_product_embedding_follows_productness():
     enc = model.encode_image(images)
     # with flat productness the product embedding is the normalised mean of the instances
     expected = torch.nn.functional.normalize(enc.instances.mean(1), dim=-1)
-    torch.testing.assert_close(model.product_embedding(images), expected)
+    # the decoder alone (the default readout mixes in the global head)
+    torch.testing.assert_close(model.product_embedding(images, readout="instance"), expected)
 
 
 def test_readouts_of_product_embedding_and_scores(tmp_path):
-    from eclip.model.eclip import text_guided_embedding
-
     torch.manual_seed(4)
     model = ECLIP(micro_config()).eval()
-    model.config.readout = "instance"
     images = torch.randn(3, 3, 32, 32)
     texts = model.encode_text(["red tee", "blue mug", "green hat"])
     enc = model.encode_image(images)
-    instance = model.product_embedding_from(enc)
-    instance_scores = model.image_text_scores(enc, texts)
+    instance = model.product_embedding_from(enc, readout="instance")
+    instance_scores = model.image_text_scores(enc, texts, readout="instance")
     torch.testing.assert_close(instance_scores, select_instances(enc.instances, texts, "softmax", 0.1)[0])
-    guided = text_guided_embedding(enc, texts, model.config)  # image i guided by text i
+    guided = model.text_guided_embedding(enc, texts, readout="instance")  # image i guided by text i
     _, weights = select_instances(enc.instances, texts, "softmax", 0.1)
     expected = torch.nn.functional.normalize(torch.einsum("bm,bmd->bd", weights[[0, 1, 2], [0, 1, 2]], enc.instances), dim=-1)
     torch.testing.assert_close(guided, expected)
 
-    model.config.readout = "global"
-    torch.testing.assert_close(model.product_embedding_from(enc), enc.global_embedding)
-    torch.testing.assert_close(model.image_text_scores(enc, texts), enc.global_embedding @ texts.T)
-    torch.testing.assert_close(text_guided_embedding(enc, texts, model.config), enc.global_embedding)
+    torch.testing.assert_close(model.product_embedding_from(enc, readout="global"), enc.global_embedding)
+    torch.testing.assert_close(model.image_text_scores(enc, texts, readout="global"), enc.global_embedding @ texts.T)
+    torch.testing.assert_close(model.text_guided_embedding(enc, texts, readout="global"), enc.global_embedding)
 
-    model.config.readout = "mix"
-    mixed = model.product_embedding_from(enc)
+    mixed = model.product_embedding_from(enc, readout="mix")
     torch.testing.assert_close(mixed, torch.nn.functional.normalize(instance + enc.global_embedding, dim=-1))
     torch.testing.assert_close(mixed.norm(dim=-1), torch.ones(3))
     # the mix lies between its parts: closer to each than they are to each other
     assert ((mixed * instance).sum(-1) >= (instance * enc.global_embedding).sum(-1) - 1e-6).all()
-    torch.testing.assert_close(model.image_text_scores(enc, texts), (instance_scores + enc.global_embedding @ texts.T) / 2)
+    mixed_scores = (instance_scores + enc.global_embedding @ texts.T) / 2
+    torch.testing.assert_close(model.image_text_scores(enc, texts, readout="mix"), mixed_scores)
     torch.testing.assert_close(
-        text_guided_embedding(enc, texts, model.config),
+        model.text_guided_embedding(enc, texts, readout="mix"),
         torch.nn.functional.normalize(guided + enc.global_embedding, dim=-1),
     )
+    # no argument: the config's readout ("mix" by default); the config is never changed
+    assert model.config.readout == "mix"
+    torch.testing.assert_close(model.product_embedding_from(enc), mixed)
+    torch.testing.assert_close(model.image_text_scores(enc, texts), mixed_scores)
+    torch.testing.assert_close(model.product_embedding(images, readout="global"), enc.global_embedding)
+    assert model.config.readout == "mix"
 
     # saved with the model; a config written before the field reads the decoder alone
     eclip.save_model(model, tmp_path / "m")
@@ -126,6 +132,15 @@ def test_readouts_of_product_embedding_and_scores(tmp_path):
     assert from_dict(ModelConfig, saved).readout == "instance"
     with pytest.raises(ValueError, match="readout"):
         ModelConfig(readout="average")
+    # a bad argument names the allowed values, whichever method takes it
+    for call in (
+        lambda: model.product_embedding_from(enc, readout="average"),
+        lambda: model.image_text_scores(enc, texts, readout="average"),
+        lambda: model.text_guided_embedding(enc, texts, readout="average"),
+        lambda: model.product_embedding(images, readout="average"),
+    ):
+        with pytest.raises(ValueError, match=r"readout must be one of \('instance', 'global', 'mix'\), not 'average'"):
+            call()
     model.config.readout = "average"  # set past the constructor: caught where it is read
     with pytest.raises(ValueError, match="readout"):
         model.product_embedding_from(enc)
@@ -136,9 +151,10 @@ def test_baseline_reads_global_whatever_the_readout():
     enc = model.encode_image(torch.randn(2, 3, 32, 32))
     texts = model.encode_text(["red tee"])
     for readout in ("instance", "global", "mix"):
-        model.config.readout = readout
-        torch.testing.assert_close(model.product_embedding_from(enc), enc.global_embedding)
-        torch.testing.assert_close(model.image_text_scores(enc, texts), enc.global_embedding @ texts.T)
+        torch.testing.assert_close(model.product_embedding_from(enc, readout), enc.global_embedding)
+        torch.testing.assert_close(model.image_text_scores(enc, texts, readout), enc.global_embedding @ texts.T)
+    with pytest.raises(ValueError, match="readout"):
+        model.image_text_scores(enc, texts, readout="instances")
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.25])
@@ -200,7 +216,9 @@ def test_token_instances_teach_the_decoder_where_to_look():
     enc = model.encode_image(images)
     texts = model.encode_text(["red tee", "blue mug"])
     pids = torch.tensor([0, 0, 1, 1])
-    losses = ECLIPLoss(LossConfig(global_weight=0.0, intra_weight=0.0, productness_weight=0.0))(model, enc, texts, pids, torch.tensor([0, 1]))
+    features = {"global_embedding": enc.global_embedding, "instances": enc.instances, "productness": enc.productness, "texts": texts}
+    scales = {name: scale() for name, scale in model.logit_scales.items()}
+    losses = ECLIPLoss(LossConfig(global_weight=0.0, intra_weight=0.0, productness_weight=0.0))(features, pids, torch.tensor([0, 1]), scales)
     losses["total"].backward()
     # the inter objective reaches the queries only through the attention that pools the tokens
     assert model.decoder.queries.grad.abs().sum() > 0
@@ -212,33 +230,44 @@ def test_grounding_map_similarity_grounds_a_decoder_model_like_the_baseline():
     from eclip.config import TOKEN_SIMILARITY_BOX_RULE
 
     model = _token_instance_model().eval()
-    model.config.grounding_map = "similarity"
-    assert model.config.box_rule() == TOKEN_SIMILARITY_BOX_RULE
+    assert model.config.box_rule("similarity") == TOKEN_SIMILARITY_BOX_RULE
     images = torch.randn(2, 3, 32, 32)
     texts = ["red tee", "blue mug"]
-    grounding = model.ground(images, texts)
+    grounding = model.ground(images, texts, grounding_map="similarity")
     assert grounding.query_index is None
     enc, t = model.encode_image(images), model.encode_text(texts)
     tokens = torch.nn.functional.normalize(model.image_head(enc.tokens), dim=-1)
-    maps, _ = model.heatmaps_from(enc, t)
+    maps, _ = model.heatmaps_from(enc, t, grounding_map="similarity")
     torch.testing.assert_close(maps, torch.einsum("bnd,bd->bn", tokens, t).unflatten(-1, enc.grid))
-    # the attention map (the default) is another map, with the selected query's index
-    model.config.grounding_map = "attention"
+    # the boxes follow the map asked for: the similarity map's rule, not the config's
+    heatmaps = upsample_heatmap(maps.detach(), (32, 32))
+    torch.testing.assert_close(grounding.heatmaps, heatmaps)
+    assert grounding.boxes == [box_by_rule(h.numpy(), TOKEN_SIMILARITY_BOX_RULE) for h in heatmaps]
+    # the attention map (the config's default) is another map, with the selected query's index
+    assert model.config.grounding_map == "attention"
     attention_maps, index = model.heatmaps_from(enc, t)
     assert index is not None and not torch.allclose(attention_maps, maps)
+    torch.testing.assert_close(model.heatmaps_from(enc, t, "attention")[0], attention_maps)
+    assert model.ground(images, texts).query_index is not None
     with pytest.raises(ValueError, match="grounding_map"):
         ModelConfig(grounding_map="peak")
+    for call in (
+        lambda: model.heatmaps_from(enc, t, grounding_map="peak"),
+        lambda: model.ground(images, texts, grounding_map="peak"),
+        lambda: model.box_from_heatmap(heatmaps[0].numpy(), grounding_map="peak"),
+    ):
+        with pytest.raises(ValueError, match=r"grounding_map must be one of \('attention', 'similarity', 'contribution'\)"):
+            call()
 
 
 def test_contribution_map_decomposes_the_token_instance_score():
     from eclip.config import CONTRIBUTION_BOX_RULE
 
     model = _token_instance_model().eval()
-    model.config.grounding_map = "contribution"
-    assert model.config.box_rule() == CONTRIBUTION_BOX_RULE
+    assert model.config.box_rule("contribution") == CONTRIBUTION_BOX_RULE
     images = torch.randn(2, 3, 32, 32)
     enc, t = model.encode_image(images), model.encode_text(["red tee", "blue mug"])
-    maps, index = model.heatmaps_from(enc, t)
+    maps, index = model.heatmaps_from(enc, t, grounding_map="contribution")
     # summed over the tokens, the map is the selected instance's score before its normalisation
     pooled = torch.einsum("bn,bnc->bc", enc.attention[torch.arange(2), index].flatten(1), enc.tokens)
     raw = model.image_head(pooled)  # (B, D)
@@ -265,6 +294,9 @@ def test_baseline_has_no_decoder_and_grounds_with_tokens():
     assert g.heatmaps.shape == (2, 32, 32) and g.query_index is None
     for box in g.boxes:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+    # it has no attention: any map asked for is the similarity map
+    for name in ("attention", "contribution"):
+        torch.testing.assert_close(model.ground(images, ["red tee", "blue mug"], name).heatmaps, g.heatmaps)
 
 
 def test_box_from_heatmap_picks_largest_region():
@@ -384,6 +416,58 @@ def test_presets_and_overrides():
     encoding = convnet.encode_image(torch.randn(2, 3, 64, 64))
     assert encoding.grid == model.encode_image(torch.randn(2, 3, 64, 64)).grid == (8, 8)
     assert encoding.attention.shape == (2, 8, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("grounding_map=bad", r"ModelConfig.grounding_map must be one of \('attention', 'similarity', 'contribution'\), not 'bad'"),
+        ("readout=both", r"ModelConfig.readout must be one of \('instance', 'global', 'mix'\)"),
+        ("selection=argmax", r"ModelConfig.selection must be one of \('softmax', 'max'\)"),
+        ("vision.stem=conv3", r"VisionConfig.stem must be one of \('conv', 'patch'\)"),
+        ("vision.stem_norm=batch", r"VisionConfig.stem_norm must be one of \('channel', 'group'\)"),
+        ("decoder.instance_features=hidden", r"DecoderConfig.instance_features must be one of \('decoder', 'tokens'\)"),
+        ('box={"region": "all"}', r"BoxRule.region must be one of \('largest', 'union'\)"),
+        ("vision.depth=abc", r"VisionConfig.depth must be an integer, not 'abc'"),
+        ("vision.depth=2.5", r"VisionConfig.depth must be an integer, not 2.5"),
+        ("selection_temperature=fast", r"ModelConfig.selection_temperature must be a number, not 'fast'"),
+        ("decoder.memory_grad_scale=true", r"DecoderConfig.memory_grad_scale must be a number, not True"),
+        ("vision.kind=3", r"VisionConfig.kind must be a string, not 3"),
+        ("decoder=7", r"ModelConfig.decoder must be a DecoderConfig or None, not 7"),
+    ],
+)
+def test_bad_config_values_fail_up_front_naming_the_field(assignment, message):
+    with pytest.raises(ValueError, match=re.escape(f"override {assignment!r}: ") + message):
+        override(model_preset("tiny"), [assignment])
+    key, value = assignment.split("=", 1)
+    if "." not in key and key != "box":  # the same value from a saved config.json
+        saved = to_dict(model_preset("tiny"))
+        saved[key] = json.loads(value) if value[0] in '{"0123456789t' else value
+        with pytest.raises(ValueError, match=message):
+            from_dict(ModelConfig, saved)
+
+
+def test_config_checks_types_on_load_and_keeps_old_configs_loading():
+    saved = to_dict(model_preset("eclip-lite"))
+    saved["vision"]["registers"] = "4"
+    with pytest.raises(ValueError, match=r"VisionConfig.registers must be an integer, not '4'"):
+        from_dict(ModelConfig, saved)
+    loss = to_dict(LossConfig())
+    loss["intra_detach_selection"] = 1  # a bool field takes true/false only
+    with pytest.raises(ValueError, match=r"LossConfig.intra_detach_selection must be true or false, not 1"):
+        from_dict(LossConfig, loss)
+    with pytest.raises(ValueError, match=r"LossConfig.intra_mode must be one of"):
+        override(LossConfig(), ["intra_mode=both"])
+    # an int given for a float is a float (JSON writes 4.0 as 4); tower kinds stay open
+    config = from_dict(ModelConfig, {**to_dict(ModelConfig()), "max_logit_scale": 50, "vision": {"kind": "my_tower"}})
+    assert config.max_logit_scale == 50.0 and isinstance(config.max_logit_scale, float)
+    assert config.vision.kind == "my_tower"
+    # a config saved before readout and box were fields still loads, as what it served
+    old = to_dict(model_preset("tiny"))
+    del old["readout"], old["box"]
+    assert from_dict(ModelConfig, old).readout == "instance"
+    # overrides that are right still apply, and a bool accepts JSON true/false
+    assert override(LossConfig(), ["intra_detach_selection=false", "global_weight=2"]).global_weight == 2.0
 
 
 @pytest.mark.parametrize("memory_level", [0, 1, -1])

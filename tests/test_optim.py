@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from eclip.config import model_preset, override
+from eclip.config import override
 from eclip.model import ECLIP
+from eclip.presets import model_preset
 from eclip_app.optim import OptimConfig, parameter_groups
 from eclip_app.train import load_train_config
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig, model_preset
+from eclip.config import DecoderConfig, ModelConfig, TextConfig, VisionConfig
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip.io import load_model, save_model
 from eclip.model import ECLIP
 from eclip.model.towers import build_text_tower, build_vision_tower
 from eclip.model.towers.base import Renormalize, load_exactly
+from eclip.presets import model_preset
 
 from .test_split_forward import assert_split_text_matches, assert_split_vision_matches
 

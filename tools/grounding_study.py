@@ -30,7 +30,7 @@ from eclip.data import ImageStore, load_catalog
 from eclip.data.transforms import normalize
 from eclip.evaluation import ranks_metrics
 from eclip.io import load_model
-from eclip.model.eclip import ECLIP, select_instances
+from eclip.model.eclip import ECLIP
 from eclip.model.grounding import box_iou, peak_point
 
 THRESHOLDS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -128,7 +128,7 @@ def eclip_maps(model: ECLIP, images: torch.Tensor, titles: torch.Tensor) -> tupl
     sims = torch.einsum("bmd,bd->bm", enc.instances, titles)
     index = sims.argmax(dim=-1)
     # the model's own selection (softmax at its temperature) of each image's own title
-    _, weights = select_instances(enc.instances, titles, model.config.selection, model.config.selection_temperature)
+    _, weights = model.select(enc, titles)
     weights = weights[rows, rows]  # (B, M)
     productness = enc.productness.softmax(dim=-1)
     layer_mean = torch.stack(layers).mean(dim=0)  # (B, M, h, w)

@@ -93,10 +93,9 @@ def evaluate_readouts(specs: list[str], readouts, products, scenes=None) -> dict
         model = load_model(folder).eval()
         for readout in readouts if model.config.has_decoder else ("global",):
             begin = time.time()
-            model.config.readout = readout
-            row = evaluate(model, products, progress=False)
+            row = evaluate(model, products, progress=False, readout=readout)
             if scenes is not None:
-                row |= evaluate_scenes(model, scenes, products, progress=False, ground=False)
+                row |= evaluate_scenes(model, scenes, products, progress=False, ground=False, readout=readout)
             results[f"{name}, {readout}"] = row
             print(f"{name}, {readout}: {time.time() - begin:.0f} s", flush=True)
     return results

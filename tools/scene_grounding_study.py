@@ -50,12 +50,9 @@ def maps_for(model: ECLIP, images: torch.Tensor, titles: list[str]) -> dict[str,
     (`ModelConfig.grounding_map`), and the attention of the query productness picks."""
     encoding = model.encode_image(images)
     texts = model.encode_text(titles)  # (B, D)
-    chosen = model.config.grounding_map
     out = {}
     for name in GROUNDING_MAPS if encoding.attention is not None else ("similarity",):
-        model.config.grounding_map = name
-        out[name] = model.heatmaps_from(encoding, texts)[0]
-    model.config.grounding_map = chosen
+        out[name] = model.heatmaps_from(encoding, texts, name)[0]
     if encoding.attention is not None:
         out["productness attention"] = encoding.attention[torch.arange(len(images)), encoding.productness.argmax(-1)]
     return out

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from eclip.config import model_preset, override
+from eclip.config import override
 from eclip.data import ImageStore, load_catalog
 from eclip.data.transforms import normalize
 from eclip.model.towers import build_vision_tower
+from eclip.presets import model_preset
 
 
 def main() -> None:

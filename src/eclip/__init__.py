@@ -14,12 +14,11 @@ from .config import (
     ModelConfig,
     TextConfig,
     VisionConfig,
-    model_preset,
-    objective_preset,
 )
 from .io import load_model, save_model
 from .losses import ECLIPLoss
 from .model import ECLIP, Grounding, HashTokenizer, ImageEncoding
+from .presets import model_preset, objective_preset
 
 __version__ = "0.1.0"
 

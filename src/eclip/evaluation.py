@@ -150,7 +150,10 @@ def evaluate(
     store: ImageStore | None = None,
     progress: bool = True,
     prompts: list[str] = PROMPTS,
+    readout: str | None = None,
+    grounding_map: str | None = None,
 ) -> dict[str, float]:
+    """`readout` and `grounding_map`: how a decoder model is read (default: its config's)."""
     model.eval()
     store = store or ImageStore(products, model.image_size)
     slots = [(p, i) for p, product in enumerate(products) for i in range(len(product.images))]
@@ -170,20 +173,20 @@ def evaluate(
         chunk = slots[start : start + batch_size]
         images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
         encoding = model.encode_image(images)
-        product_embeddings.append(model.product_embedding_from(encoding))
-        title_scores.append(model.image_text_scores(encoding, titles))
+        product_embeddings.append(model.product_embedding_from(encoding, readout))
+        title_scores.append(model.image_text_scores(encoding, titles, readout))
         if labels is not None:
-            label_scores.append(model.image_text_scores(encoding, labels))
+            label_scores.append(model.image_text_scores(encoding, labels, readout))
         for name, embeddings in attribute_labels.items():
-            attribute_scores[name].append(model.image_text_scores(encoding, embeddings))
+            attribute_scores[name].append(model.image_text_scores(encoding, embeddings, readout))
         own = titles[torch.tensor([p for p, _ in chunk])]
-        maps, _ = model.heatmaps_from(encoding, own)
+        maps, _ = model.heatmaps_from(encoding, own, grounding_map)
         heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1])).numpy()
         for (p, i), heatmap in zip(chunk, heatmaps):
             box = products[p].images[i].box
             if box is None:
                 continue
-            ious.append(box_iou(model.box_from_heatmap(heatmap), box))  # the model's own box rule
+            ious.append(box_iou(model.box_from_heatmap(heatmap, grounding_map), box))  # the model's own box rule
             x, y = peak_point(heatmap)
             points.append(box[0] <= x <= box[2] and box[1] <= y <= box[3])
 

@@ -1,18 +1,22 @@
-"""The pretext objectives of DESIGN.md (Objectives).
+"""The pretext objectives: global and instance (inter) image-text contrast, intra-product
+instance contrast and productness.
 
 Every objective takes the whole batch (already gathered across ranks where training is
 distributed) and product ids, so that two images of one product, or an image and its product's
-title, are always positives and never negatives.
+title, are always positives and never negatives. The criterion reads the features `ECLIP.forward`
+returns, never the model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LossConfig
-from .model.eclip import ECLIP, ImageEncoding
+from .config import LossConfig, Selection, check_fields
+from .model.inference import select_instances
 
 
 def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -48,11 +52,14 @@ def own_text_index(image_pids: torch.Tensor, text_pids: torch.Tensor) -> torch.T
 
 
 class ECLIPLoss(nn.Module):
-    def __init__(self, config: LossConfig):
+    """The weighted objectives of one batch. `selection` and `selection_temperature` are the
+    model's (`ModelConfig`): the inter objective scores with the selection inference uses."""
+
+    def __init__(self, config: LossConfig, selection: Selection = "softmax", selection_temperature: float = 0.1):
         super().__init__()
-        if config.intra_mode not in ("cross_image", "within_image"):
-            raise ValueError(f"unknown intra_mode {config.intra_mode!r}")
+        check_fields(config)  # a config mutated after it was built is caught here
         self.config = config
+        self.selection, self.selection_temperature = selection, selection_temperature
         self.instance_ramp = 1.0  # set per step by `set_step` (LossConfig.instance_warmup_steps)
 
     def set_step(self, step: int) -> None:
@@ -62,28 +69,32 @@ class ECLIPLoss(nn.Module):
 
     def forward(
         self,
-        model: ECLIP,
-        encoding: ImageEncoding,  # B = P x K images
-        texts: torch.Tensor,  # (T, D) titles, one per product in the batch
+        features: Mapping[str, torch.Tensor | None],  # what `ECLIP.forward` returns, B = P x K images
         image_pids: torch.Tensor,  # (B,) product id of each image (integers)
-        text_pids: torch.Tensor,  # (T,)
-        scales: dict[str, torch.Tensor] | None = None,  # logit scales read in the forward pass
+        text_pids: torch.Tensor,  # (T,) product id of each title, one per product in the batch
+        scales: Mapping[str, torch.Tensor] | None = None,  # by name; None: features' scale_* entries
     ) -> dict[str, torch.Tensor]:
+        """`features`: global_embedding (B, D), instances (B, M, D) and productness (B, M), None
+        for the baseline, texts (T, D); and scale_global, scale_inter, scale_intra unless
+        `scales` is given. Returns each objective's loss and their weighted "total"."""
         cfg = self.config
+        global_embedding, instances, productness, texts = (
+            features["global_embedding"], features.get("instances"), features.get("productness"), features["texts"]
+        )
         positives = image_pids[:, None] == text_pids[None, :]  # (B, T)
         if scales is None:
-            scales = {name: scale() for name, scale in model.logit_scales.items()}
+            scales = {k.removeprefix("scale_"): v for k, v in features.items() if k.startswith("scale_")}
         losses: dict[str, torch.Tensor] = {}
 
         if cfg.global_weight:
-            logits = scales["global"] * encoding.global_embedding @ texts.T
+            logits = scales["global"] * global_embedding @ texts.T
             losses["global"] = symmetric_infonce(logits, positives)
 
         needs_decoder = cfg.inter_weight or cfg.intra_weight or cfg.productness_weight
         if needs_decoder:
-            if encoding.instances is None:
+            if instances is None:
                 raise ValueError("the ECLIP objectives need a model with an instance decoder")
-            scores, weights = model.select(encoding, texts)  # (B, T), (B, T, M)
+            scores, weights = select_instances(instances, texts, self.selection, self.selection_temperature)  # (B, T), (B, T, M)
             own = own_text_index(image_pids, text_pids)
             own_weights = weights[torch.arange(len(own)), own]  # (B, M) selection by own title
 
@@ -91,10 +102,10 @@ class ECLIPLoss(nn.Module):
                 losses["inter"] = symmetric_infonce(scales["inter"] * scores, positives)
             if cfg.intra_weight:
                 selection = own_weights.detach() if cfg.intra_detach_selection else own_weights
-                losses["intra"] = self.intra_product(encoding.instances, selection, image_pids, scales["intra"])
+                losses["intra"] = self.intra_product(instances, selection, image_pids, scales["intra"])
             if cfg.productness_weight:
                 target = own_weights.detach()
-                log_pred = encoding.productness.log_softmax(dim=-1)
+                log_pred = productness.log_softmax(dim=-1)
                 losses["productness"] = F.kl_div(log_pred, target, reduction="batchmean")
 
         ramp = self.instance_ramp

@@ -26,12 +26,12 @@ logger = logging.getLogger("eclip.evaluation")
 
 
 @torch.no_grad()
-def _embed(model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool) -> np.ndarray:
+def _embed(model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool, readout: str | None = None) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = slots[start : start + batch_size]
         images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
-        out.append(model.product_embedding(images).float().cpu())
+        out.append(model.product_embedding(images, readout).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -43,10 +43,13 @@ def evaluate_scenes(
     batch_size: int = 128,
     progress: bool = True,
     ground: bool = True,
+    readout: str | None = None,
+    grounding_map: str | None = None,
 ) -> dict[str, float]:
     """Scene-to-catalog retrieval (mAP@10, R@1, R@10) and grounding (Acc@IoU0.5, mean IoU,
     pointing game, with their random floors). Products are matched by product_id; a scene whose
-    product is not in the catalog has no right answer and is left out (counted)."""
+    product is not in the catalog has no right answer and is left out (counted). `readout` and
+    `grounding_map`: how a decoder model is read (default: its config's)."""
     model.eval()
     catalog_index = {p.product_id: i for i, p in enumerate(catalog_products)}
     gallery = [(p, i) for p, product in enumerate(catalog_products) for i in range(len(product.images))]
@@ -60,8 +63,8 @@ def evaluate_scenes(
     scene_pid = np.array([catalog_index[scene_products[p].product_id] for p, _ in scenes])
 
     scene_store = ImageStore(scene_products, model.image_size)
-    gallery_emb = _embed(model, ImageStore(catalog_products, model.image_size), gallery, batch_size, "catalog", progress)
-    scene_emb = _embed(model, scene_store, scenes, batch_size, "scenes", progress)
+    gallery_emb = _embed(model, ImageStore(catalog_products, model.image_size), gallery, batch_size, "catalog", progress, readout)
+    scene_emb = _embed(model, scene_store, scenes, batch_size, "scenes", progress, readout)
 
     relevant = scene_pid[:, None] == gallery_pid[None, :]
     metrics = ranks_metrics(scene_emb @ gallery_emb.T, relevant, ks=(1, 10))
@@ -74,11 +77,11 @@ def evaluate_scenes(
         "scene_to_catalog_r10": metrics["r10"],
     }
     if ground:
-        results |= _grounding(model, scene_products, scene_store, scenes, batch_size, progress)
+        results |= _grounding(model, scene_products, scene_store, scenes, batch_size, progress, grounding_map)
     return results
 
 
-def _grounding(model: ECLIP, products: list[Product], store: ImageStore, scenes: list[tuple[int, int]], batch_size: int, progress: bool) -> dict[str, float]:
+def _grounding(model: ECLIP, products: list[Product], store: ImageStore, scenes: list[tuple[int, int]], batch_size: int, progress: bool, grounding_map: str | None = None) -> dict[str, float]:
     boxed = [(p, i) for p, i in scenes if products[p].images[i].box is not None]
     if not boxed:
         return {}
@@ -86,7 +89,7 @@ def _grounding(model: ECLIP, products: list[Product], store: ImageStore, scenes:
     for start in tqdm(range(0, len(boxed), batch_size), desc="grounding", unit="batch", disable=not progress, leave=False):
         chunk = boxed[start : start + batch_size]
         images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
-        result = model.ground(images, [products[p].title for p, _ in chunk])
+        result = model.ground(images, [products[p].title for p, _ in chunk], grounding_map)
         heatmaps = result.heatmaps.float().cpu().numpy()
         for (p, i), predicted, heatmap in zip(chunk, result.boxes, heatmaps):
             box = products[p].images[i].box

@@ -18,7 +18,11 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from .train import load_train_config, train
 
-    config = load_train_config(args.config, args.set)
+    try:
+        config = load_train_config(args.config, args.set)
+    except ValueError as error:  # a bad --set or config file: one line, before anything runs
+        print(f"eclip train: {error}", file=sys.stderr)
+        return 2
     if args.catalog:
         config.catalog = args.catalog
     if args.shards:
@@ -31,15 +35,6 @@ def _train(args) -> int:
     result = train(config, resume=args.resume, progress=not args.no_progress)
     print(f"model saved to {result.out_dir / 'model'}")
     return 0
-
-
-def _read_as(model, args):
-    """A saved model read as --readout / --grounding-map say (its weights are untouched)."""
-    if args.readout:
-        model.config.readout = args.readout
-    if args.grounding_map:
-        model.config.grounding_map = args.grounding_map
-    return model
 
 
 def _read_options(parser) -> None:
@@ -56,9 +51,10 @@ def _eval(args) -> int:
 
     from .report import comparison_table
 
-    model = _read_as(load_model(args.model), args)
+    model = load_model(args.model)
     products, _ = load_catalog(args.catalog)
-    results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json)
+    results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json,
+                       readout=args.readout, grounding_map=args.grounding_map)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -129,10 +125,11 @@ def _eval_scenes(args) -> int:
     from eclip.io import load_model
     from eclip.scene_eval import evaluate_scenes
 
-    model = _read_as(load_model(args.model), args)
+    model = load_model(args.model)
     scenes, _ = load_catalog(args.scenes)
     catalog, _ = load_catalog(args.catalog)
-    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress)
+    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress,
+                              readout=args.readout, grounding_map=args.grounding_map)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from eclip.data import Batch
 from eclip.losses import ECLIPLoss
-from eclip.model import ECLIP, ImageEncoding
+from eclip.model import ECLIP
 
 from .distributed import any_rank, gather_no_grad, gather_with_grad
 
@@ -93,8 +93,8 @@ class TrainStep:
     def loss(self, local: Features, image_pids: torch.Tensor, text_pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses over the global batch: gather every rank's features (with gradients)."""
         full = local.gathered()
-        encoding = ImageEncoding(full.global_embedding, full.instances, full.productness, None, None, (0, 0))
-        return self.criterion(self.model, encoding, full.texts, gather_no_grad(image_pids), gather_no_grad(text_pids), full.scales)
+        rows = dict(zip(("global_embedding", "instances", "productness", "texts"), full.rows()))
+        return self.criterion(rows, gather_no_grad(image_pids), gather_no_grad(text_pids), full.scales)
 
     def __call__(self, batch: Batch, tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:
         """`tokens`: the titles already tokenised (the loop does it with the data, off the

@@ -133,7 +133,7 @@ def train(
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(env.device)
-    criterion = ECLIPLoss(config.loss)
+    criterion = ECLIPLoss(config.loss, config.model.selection, config.model.selection_temperature)
     source = make_data_source(config, model.image_size, env, store)
     # an objective switched off leaves its logit scale without a gradient (DDP must be told)
     unused = config.model.decoder is not None and not all(

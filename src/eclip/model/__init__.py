@@ -1,4 +1,5 @@
-from .eclip import ECLIP, Grounding, ImageEncoding, select_instances
+from .eclip import ECLIP
+from .inference import Grounding, ImageEncoding, Inference, select_instances
 from .tokenizer import HashTokenizer
 from .towers import TextTower, VisionFeatures, VisionTower, build_text_tower, build_vision_tower
 
@@ -7,6 +8,7 @@ __all__ = [
     "Grounding",
     "HashTokenizer",
     "ImageEncoding",
+    "Inference",
     "TextTower",
     "VisionFeatures",
     "VisionTower",

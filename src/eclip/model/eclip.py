@@ -1,56 +1,20 @@
-"""The ECLIP model: towers, instance decoder, heads, selection, productness and grounding."""
+"""The ECLIP model: towers, instance decoder, heads and productness. Selection, scores and
+grounding are `Inference`'s, shared with the ONNX runtime."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import INSTANCE_FEATURES, READOUTS, ModelConfig
+from ..config import INSTANCE_FEATURES, ModelConfig
 from .decoder import InstanceDecoder
-from .grounding import box_by_rule, upsample_heatmap
+from .inference import Grounding, ImageEncoding, Inference, select_instances
 from .towers import build_text_tower, build_vision_tower
 
-
-@dataclass
-class ImageEncoding:
-    global_embedding: torch.Tensor  # (B, D), L2-normalised
-    instances: torch.Tensor | None  # (B, M, D), L2-normalised; None without a decoder
-    productness: torch.Tensor | None  # (B, M) logits
-    attention: torch.Tensor | None  # (B, M, h, w), each map sums to 1
-    tokens: torch.Tensor  # (B, N, C) final visual tokens (the baseline's grounding projects them)
-    grid: tuple[int, int]
-
-
-@dataclass
-class Grounding:
-    heatmaps: torch.Tensor  # (B, H, W) in [0, 1] at the model's input resolution
-    boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
-    # (B,) the selected query; None when the map is not a query's (the baseline, "similarity")
-    query_index: torch.Tensor | None
-
-
-def select_instances(
-    instances: torch.Tensor,  # (B, M, D)
-    texts: torch.Tensor,  # (T, D)
-    mode: str = "softmax",
-    temperature: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text-guided selection: the instance score of each image for each text, (B, T), and the
-    selection weights over the queries, (B, T, M)."""
-    sims = torch.einsum("bmd,td->btm", instances, texts)
-    if mode == "softmax":
-        weights = (sims / temperature).softmax(dim=-1)
-        return (weights * sims).sum(dim=-1), weights
-    if mode == "max":
-        scores, index = sims.max(dim=-1)
-        return scores, F.one_hot(index, sims.shape[-1]).to(sims.dtype)
-    raise ValueError(f"unknown selection mode {mode!r} (softmax or max)")
+__all__ = ["ECLIP", "Grounding", "ImageEncoding", "LogitScale", "scale_gradient", "select_instances"]
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -60,82 +24,6 @@ def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 0.0:
         return x.detach()
     return x.detach() + (x - x.detach()) * scale
-
-
-def product_embedding(encoding: ImageEncoding, readout: str = "instance") -> torch.Tensor:
-    """One unit vector per image, no text needed (`ModelConfig.readout`): the instances
-    weighted by productness, the global embedding, or the two summed and renormalised."""
-    if encoding.instances is None or readout == "global":
-        return encoding.global_embedding
-    weights = encoding.productness.softmax(dim=-1)  # (B, M)
-    instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
-    return _instance_or_mix(instance, encoding.global_embedding, readout)
-
-
-def _instance_or_mix(instance: torch.Tensor, global_embedding: torch.Tensor, readout: str) -> torch.Tensor:
-    """The instance embedding as it is, or summed with the global one and renormalised."""
-    if readout == "instance":
-        return instance
-    if readout == "mix":
-        return F.normalize(instance + global_embedding, dim=-1)
-    raise ValueError(f"unknown readout {readout!r}; choose from {READOUTS}")
-
-
-def image_text_scores(
-    encoding: ImageEncoding, texts: torch.Tensor, config: ModelConfig
-) -> torch.Tensor:
-    """(B, T) image-text similarity for zero-shot search and classification
-    (`ModelConfig.readout`): the text-guided instance score, the global cosine, or their mean.
-    The baseline always reads the global cosine."""
-    global_scores = encoding.global_embedding @ texts.T
-    if encoding.instances is None or config.readout == "global":
-        return global_scores
-    instance_scores, _ = select_instances(
-        encoding.instances, texts, config.selection, config.selection_temperature
-    )
-    if config.readout == "instance":
-        return instance_scores
-    if config.readout == "mix":
-        return (instance_scores + global_scores) / 2
-    raise ValueError(f"unknown readout {config.readout!r}; choose from {READOUTS}")
-
-
-def text_guided_embedding(
-    encoding: ImageEncoding, texts: torch.Tensor, config: ModelConfig
-) -> torch.Tensor:
-    """(B, D) the image side of an image-plus-text query: the instance that text i selects in
-    image i rather than the productness choice, combined with the global embedding as
-    `config.readout` says."""
-    if encoding.instances is None or config.readout == "global":
-        return encoding.global_embedding
-    _, weights = select_instances(
-        encoding.instances, texts, config.selection, config.selection_temperature
-    )  # (B, T, M)
-    weights = weights[torch.arange(len(texts)), torch.arange(len(texts))]  # (B, M): text i, image i
-    instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
-    return _instance_or_mix(instance, encoding.global_embedding, config.readout)
-
-
-def grounding_maps(
-    encoding: ImageEncoding,
-    texts: torch.Tensor,  # (B, D): text i for image i
-    config: ModelConfig,
-    projected_tokens: Callable[[], torch.Tensor],  # () -> (B, N, D) tokens through the image head
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Grid maps (B, h, w) for image i and text i (`ModelConfig.grounding_map`): the
-    similarity of the text to each projected token (MaskCLIP-style; always for the baseline),
-    or the selected query's cross-attention, alone or times each projected token's dot product
-    with the text ("contribution"), with that query's index (B,)."""
-    if config.effective_grounding_map == "similarity":
-        sims = torch.einsum("bnd,bd->bn", F.normalize(projected_tokens(), dim=-1), texts)
-        return sims.unflatten(-1, encoding.grid), None
-    sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
-    index = sims.argmax(dim=-1)  # (B,)
-    maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
-    if config.grounding_map == "contribution":
-        relevance = torch.einsum("bnd,bd->bn", projected_tokens(), texts)  # (B, N)
-        maps = maps * relevance.unflatten(-1, encoding.grid)
-    return maps, index
 
 
 class LogitScale(nn.Module):
@@ -157,7 +45,12 @@ class LogitScale(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class ECLIP(nn.Module):
+class ECLIP(nn.Module, Inference):
+    """Image and text towers with their heads, and (unless the baseline) the instance decoder
+    with its instance and productness heads. `forward` returns what training needs; the
+    inference methods (`image_text_scores`, `product_embedding`, `ground`, ...) are
+    `Inference`'s, on top of `encode_image`, `encode_text` and `projected_tokens`."""
+
     def __init__(self, config: ModelConfig, pretrained: bool = True):
         """`pretrained`: the towers load their pretrained weights (off when a saved model or a
         checkpoint supplies every weight)."""
@@ -254,47 +147,6 @@ class ECLIP(nn.Module):
             **{f"scale_{name}": scale() for name, scale in self.logit_scales.items()},
         }
 
-    # ------------------------------------------------------------------ scoring
-
-    def select(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert encoding.instances is not None
-        return select_instances(
-            encoding.instances, texts, self.config.selection, self.config.selection_temperature
-        )
-
-    def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor) -> torch.Tensor:
-        """(B, T) similarity used for zero-shot search and classification, read as
-        `config.readout` says (the module function `image_text_scores`)."""
-        return image_text_scores(encoding, texts, self.config)
-
-    def product_embedding_from(self, encoding: ImageEncoding) -> torch.Tensor:
-        """One vector per image with no text, read as `config.readout` says."""
-        return product_embedding(encoding, self.config.readout)
-
-    @torch.no_grad()
-    def product_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        return self.product_embedding_from(self.encode_image(images))
-
-    # ------------------------------------------------------------------ grounding
-
-    def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Grid maps (B, h, w) for image i and text i, as `config.grounding_map` says (the
-        module function `grounding_maps`); tokens are projected only here, not on every
-        training step."""
-        return grounding_maps(encoding, texts, self.config, lambda: self.image_head(encoding.tokens))
-
-    def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
-        """The box of one upsampled map in [0, 1] (`upsample_heatmap`), by this model's rule
-        (`ModelConfig.box_rule()`: above the mean of an attention map, the top fifth of a
-        token-similarity map)."""
-        return box_by_rule(heatmap, self.config.box_rule())
-
-    @torch.no_grad()
-    def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:
-        """Where in image i is the product that text i describes: heat map and box."""
-        encoding = self.encode_image(images)
-        text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
-        maps, index = self.heatmaps_from(encoding, text_emb)
-        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        boxes = [self.box_from_heatmap(h.cpu().numpy()) for h in heatmaps]
-        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
+    def projected_tokens(self, encoding: ImageEncoding, grounding_map: str) -> torch.Tensor:
+        """(B, N, D) the final visual tokens through the image head (grounding reads them)."""
+        return self.image_head(encoding.tokens)

@@ -1,5 +1,6 @@
-"""ONNX export of the two encoders, and `OnnxEncoder`: the same inference methods as `ECLIP`
-(encode_text, encode_image, product_embedding, image_text_scores, ground) on onnxruntime.
+"""ONNX export of the two encoders, and `OnnxEncoder`: the two graphs on onnxruntime behind the
+inference methods `ECLIP` has (`eclip.model.inference.Inference`: product_embedding,
+image_text_scores, ground, ...), the same code on either backend.
 
 An export folder holds:
     image_encoder.onnx   images (B, 3, S, S) float, normalised -> global_embedding (B, D),
@@ -27,16 +28,8 @@ from torch import nn
 
 from eclip.config import ModelConfig, from_dict, to_dict
 from eclip.io import CONFIG_NAME
-from eclip.model.eclip import (
-    ECLIP,
-    Grounding,
-    ImageEncoding,
-    grounding_maps,
-    image_text_scores,
-    product_embedding,
-    select_instances,
-)
-from eclip.model.grounding import box_by_rule, upsample_heatmap
+from eclip.model.eclip import ECLIP
+from eclip.model.inference import ImageEncoding, Inference
 from eclip.model.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, HashTokenizer
 
 IMAGE_FILE = "image_encoder.onnx"
@@ -218,9 +211,11 @@ def tokenize_numpy(tokenizer: HashTokenizer, texts: list[str]) -> tuple[np.ndarr
 # ---------------------------------------------------------------------------- runtime
 
 
-class OnnxEncoder:
-    """ECLIP's inference methods on onnxruntime. Inputs and outputs are torch tensors, as with
-    `ECLIP`, so the search and serving code takes either; the heavy work runs in onnxruntime."""
+class OnnxEncoder(Inference):
+    """ECLIP's inference methods (`Inference`) on onnxruntime. Inputs and outputs are torch
+    tensors, as with `ECLIP`, so the search and serving code takes either; the encoders run in
+    onnxruntime. The graph holds the projected tokens only its config's grounding map needs, so
+    a map that needs more fails with a clear error."""
 
     backend = "onnx"
 
@@ -283,50 +278,36 @@ class OnnxEncoder:
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else images
         return self.image_session.run(["product_embedding"], {"images": np.ascontiguousarray(array, dtype=np.float32)})[0]
 
-    def product_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.product_embedding_numpy(images))
+    def product_embedding(self, images: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """The graph's product embedding, read as the config says; another `readout` is
+        computed from the graph's other outputs (`Inference.product_embedding`)."""
+        if readout is None or readout == self.config.readout:
+            return torch.from_numpy(self.product_embedding_numpy(images))
+        return super().product_embedding(images, readout)
 
     def encode_image(self, images: torch.Tensor) -> ImageEncoding:
         out = self._run_image(images)
         t = {name: torch.from_numpy(value) for name, value in out.items()}
         if self.has_decoder:
             grid = tuple(t["attention"].shape[-2:])
-            encoding = ImageEncoding(t["global_embedding"], t["instances"], t["productness"], t["attention"],
-                                     tokens=t.get("token_embeddings", t.get("token_projections", torch.empty(0))), grid=grid)  # type: ignore[arg-type]
-        else:
-            n = t["token_embeddings"].shape[1]
-            h = int(round(n**0.5))
-            encoding = ImageEncoding(t["global_embedding"], None, None, None, tokens=t["token_embeddings"], grid=(h, n // h))
-        encoding.product = t["product_embedding"]  # type: ignore[attr-defined]  # saves a recomputation
-        return encoding
+            tokens = t.get("token_projections", t.get("token_embeddings"))
+            return ImageEncoding(t["global_embedding"], t["instances"], t["productness"], t["attention"],
+                                 tokens=tokens, grid=grid, product=t["product_embedding"])  # type: ignore[arg-type]
+        n = t["token_embeddings"].shape[1]
+        h = int(round(n**0.5))
+        return ImageEncoding(t["global_embedding"], None, None, None, tokens=t["token_embeddings"], grid=(h, n // h),
+                             product=t["product_embedding"])
 
-    def product_embedding_from(self, encoding: ImageEncoding) -> torch.Tensor:
-        product = getattr(encoding, "product", None)
-        if product is not None:
-            return product
-        return product_embedding(encoding, self.config.readout)
-
-    def select(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        assert encoding.instances is not None
-        return select_instances(encoding.instances, texts, self.config.selection, self.config.selection_temperature)
-
-    def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor) -> torch.Tensor:
-        return image_text_scores(encoding, texts, self.config)
-
-    def heatmaps_from(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # the graph already projected the tokens (normalised for "similarity": normalising again changes nothing)
-        return grounding_maps(encoding, texts, self.config, lambda: encoding.tokens)
-
-    def box_from_heatmap(self, heatmap: np.ndarray) -> tuple[float, float, float, float]:
-        return box_by_rule(heatmap, self.config.box_rule())
-
-    def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor) -> Grounding:
-        encoding = self.encode_image(images)
-        text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
-        maps, index = self.heatmaps_from(encoding, text_emb)
-        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        boxes = [self.box_from_heatmap(h.numpy()) for h in heatmaps]
-        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
+    def projected_tokens(self, encoding: ImageEncoding, grounding_map: str) -> torch.Tensor:
+        """The graph's projected tokens: "token_projections" serve every map, "token_embeddings"
+        (normalised) only "similarity", which normalises them anyway."""
+        usable = ("token_projections",) if grounding_map == "contribution" else ("token_projections", "token_embeddings")
+        if encoding.tokens is None or not any(name in self.image_outputs for name in usable):
+            raise ValueError(
+                f"this ONNX export cannot ground with grounding_map={grounding_map!r}: its image graph has no "
+                f"{' or '.join(usable)} output (export a model whose config has grounding_map={grounding_map!r})"
+            )
+        return encoding.tokens
 
     @property
     def logit_scale(self) -> float:

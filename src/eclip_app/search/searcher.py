@@ -26,7 +26,7 @@ from PIL import Image
 
 from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.io import load_model
-from eclip.model.eclip import ECLIP, text_guided_embedding
+from eclip.model.eclip import ECLIP
 
 from .index import Hit, IndexFolderError, ProductIndex
 
@@ -98,7 +98,7 @@ class Searcher:
         if self.field == "global":
             image_vec = encoding.global_embedding
         else:
-            image_vec = text_guided_embedding(encoding, text_vec, self.model.config)
+            image_vec = self.model.text_guided_embedding(encoding, text_vec)
         query = F.normalize((1 - text_weight) * image_vec + text_weight * text_vec, dim=-1)
         return query[0].float().cpu().numpy()
 

@@ -10,10 +10,9 @@ from pathlib import Path
 from eclip.config import (
     LossConfig,
     ModelConfig,
-    model_preset,
-    objective_preset,
     override,
 )
+from eclip.presets import model_preset, objective_preset
 
 from ..optim import OptimConfig
 

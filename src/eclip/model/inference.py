@@ -1,0 +1,185 @@
+"""Inference on a trained model, written once for every backend.
+
+`Inference` turns an image encoding and text embeddings into what a user asks of the model:
+image-text scores, a product embedding, text-guided selection, grounding maps and boxes. A
+backend (`ECLIP` in PyTorch, the ONNX runtime's `OnnxEncoder`) provides three primitives:
+`encode_image`, `encode_text` and `projected_tokens`, and a `config`. How a decoder model is
+read (`readout`) and which map it grounds with (`grounding_map`) are call arguments that
+default to the config's; each is checked against its allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .grounding import box_by_rule, upsample_heatmap
+
+
+@dataclass
+class ImageEncoding:
+    global_embedding: torch.Tensor  # (B, D), L2-normalised
+    instances: torch.Tensor | None  # (B, M, D), L2-normalised; None without a decoder
+    productness: torch.Tensor | None  # (B, M) logits
+    attention: torch.Tensor | None  # (B, M, h, w), each map sums to 1
+    # (B, N, C) what `projected_tokens` reads: the final visual tokens (PyTorch), or the
+    # tokens already projected by the image head (an ONNX graph)
+    tokens: torch.Tensor | None
+    grid: tuple[int, int]
+    # (B, D) the product embedding under the config's readout, when the backend computed it
+    # with the encoding (the ONNX graph does); None: computed on demand
+    product: torch.Tensor | None = None
+
+
+@dataclass
+class Grounding:
+    heatmaps: torch.Tensor  # (B, H, W) in [0, 1] at the images' resolution
+    boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
+    # (B,) the selected query; None when the map is not a query's (the baseline, "similarity")
+    query_index: torch.Tensor | None
+
+
+def select_instances(
+    instances: torch.Tensor,  # (B, M, D)
+    texts: torch.Tensor,  # (T, D)
+    mode: str = "softmax",
+    temperature: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-guided selection: the instance score of each image for each text, (B, T), and the
+    selection weights over the queries, (B, T, M)."""
+    sims = torch.einsum("bmd,td->btm", instances, texts)
+    if mode == "softmax":
+        weights = (sims / temperature).softmax(dim=-1)
+        return (weights * sims).sum(dim=-1), weights
+    if mode == "max":
+        scores, index = sims.max(dim=-1)
+        return scores, F.one_hot(index, sims.shape[-1]).to(sims.dtype)
+    raise ValueError(f"unknown selection mode {mode!r} (softmax or max)")
+
+
+def _with_global(instance: torch.Tensor, global_embedding: torch.Tensor, readout: str) -> torch.Tensor:
+    """(B, D) an instance embedding as it is ("instance"), or summed with the global one and
+    renormalised ("mix")."""
+    return instance if readout == "instance" else F.normalize(instance + global_embedding, dim=-1)
+
+
+class Inference:
+    """Selection, scores, product embedding and grounding on top of a backend's primitives.
+
+    A subclass sets `config` and `image_size` and implements `encode_image`, `encode_text` and
+    `projected_tokens`; everything else here is shared, so every backend reads a model the same
+    way. The baseline (no decoder) always reads the global head and grounds with "similarity",
+    whatever `readout` or `grounding_map` is asked for.
+    """
+
+    config: ModelConfig
+    image_size: int  # the square input resolution `encode_image` expects (preprocessing resizes to it)
+
+    # ------------------------------------------------------------------ primitives
+
+    def encode_image(self, images: torch.Tensor) -> ImageEncoding:
+        """images (B, 3, S, S), normalised as `eclip.data.transforms` does."""
+        raise NotImplementedError
+
+    def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Titles or queries (or token ids and mask) -> (T, D), L2-normalised."""
+        raise NotImplementedError
+
+    def projected_tokens(self, encoding: ImageEncoding, grounding_map: str) -> torch.Tensor:
+        """(B, N, D) the visual tokens through the image head, not normalised (the maps that
+        read them: "similarity" normalises them itself, "contribution" needs their lengths)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ scoring
+
+    def select(self, encoding: ImageEncoding, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) instance scores and (B, T, M) selection weights (`select_instances` with the
+        config's selection rule)."""
+        if encoding.instances is None:
+            raise ValueError("selection needs a model with an instance decoder")
+        return select_instances(encoding.instances, texts, self.config.selection, self.config.selection_temperature)
+
+    def image_text_scores(self, encoding: ImageEncoding, texts: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """(B, T) image-text similarity for zero-shot search and classification: the
+        text-guided instance score ("instance"), the global cosine ("global"), or their mean
+        ("mix"). `readout` defaults to the config's."""
+        readout = self.config.resolve_readout(readout)
+        global_scores = encoding.global_embedding @ texts.T
+        if readout == "global":
+            return global_scores
+        instance_scores, _ = self.select(encoding, texts)
+        return instance_scores if readout == "instance" else (instance_scores + global_scores) / 2
+
+    def product_embedding_from(self, encoding: ImageEncoding, readout: str | None = None) -> torch.Tensor:
+        """(B, D) one unit vector per image, no text needed: the instances weighted by
+        productness ("instance"), the global embedding ("global"), or the two summed and
+        renormalised ("mix"). `readout` defaults to the config's."""
+        asked = readout
+        readout = self.config.resolve_readout(readout)
+        if encoding.product is not None and asked in (None, self.config.readout):
+            return encoding.product
+        if readout == "global":
+            return encoding.global_embedding
+        weights = encoding.productness.softmax(dim=-1)  # (B, M)
+        instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+        return _with_global(instance, encoding.global_embedding, readout)
+
+    @torch.no_grad()
+    def product_embedding(self, images: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """(B, D) `product_embedding_from` of the images."""
+        return self.product_embedding_from(self.encode_image(images), readout)
+
+    def text_guided_embedding(self, encoding: ImageEncoding, texts: torch.Tensor, readout: str | None = None) -> torch.Tensor:
+        """(B, D) the image side of an image-plus-text query: the instance that text i selects
+        in image i rather than the productness choice, combined with the global embedding as
+        `readout` says (default: the config's)."""
+        readout = self.config.resolve_readout(readout)
+        if readout == "global":
+            return encoding.global_embedding
+        _, weights = self.select(encoding, texts)  # (B, T, M)
+        weights = weights[torch.arange(len(texts)), torch.arange(len(texts))]  # (B, M): text i, image i
+        instance = F.normalize(torch.einsum("bm,bmd->bd", weights, encoding.instances), dim=-1)
+        return _with_global(instance, encoding.global_embedding, readout)
+
+    # ------------------------------------------------------------------ grounding
+
+    def heatmaps_from(
+        self, encoding: ImageEncoding, texts: torch.Tensor, grounding_map: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Grid maps (B, h, w) for image i and text i (texts (B, D)), with the selected query's
+        index (B,) where the map is a query's. `grounding_map` (default: the config's):
+        "similarity", the text's cosine with each projected token (MaskCLIP-style; always for
+        the baseline); "attention", the cross-attention of the query the text selects;
+        "contribution", that attention times each projected token's dot product with the text.
+        Tokens are projected only here, not on every training step."""
+        grounding_map = self.config.resolve_grounding_map(grounding_map)
+        if grounding_map == "similarity":
+            tokens = F.normalize(self.projected_tokens(encoding, grounding_map), dim=-1)
+            return torch.einsum("bnd,bd->bn", tokens, texts).unflatten(-1, encoding.grid), None
+        sims = torch.einsum("bmd,bd->bm", encoding.instances, texts)
+        index = sims.argmax(dim=-1)  # (B,)
+        maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
+        if grounding_map == "contribution":
+            relevance = torch.einsum("bnd,bd->bn", self.projected_tokens(encoding, grounding_map), texts)  # (B, N)
+            maps = maps * relevance.unflatten(-1, encoding.grid)
+        return maps, index
+
+    def box_from_heatmap(self, heatmap: np.ndarray, grounding_map: str | None = None) -> tuple[float, float, float, float]:
+        """The box of one upsampled map in [0, 1] (`upsample_heatmap`), by the rule for the map
+        it is (`ModelConfig.box_rule`; `grounding_map` defaults to the config's)."""
+        return box_by_rule(heatmap, self.config.box_rule(grounding_map))
+
+    @torch.no_grad()
+    def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor, grounding_map: str | None = None) -> Grounding:
+        """Where in image i is the product that text i describes: heat maps at the images'
+        resolution and boxes as fractions of it. `texts`: strings, or embeddings (B, D)."""
+        encoding = self.encode_image(images)
+        text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
+        maps, index = self.heatmaps_from(encoding, text_emb, grounding_map)
+        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
+        boxes = [self.box_from_heatmap(h.float().cpu().numpy(), grounding_map) for h in heatmaps]
+        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
