@@ -108,7 +108,7 @@ def grounding_metrics(ious: list[float], points: list[bool], boxes: list[tuple],
     }
 
 
-def _given(**options) -> dict:
+def given_options(**options) -> dict:
     """The options that were set: passed to the model only then, so models whose methods do
     not take them still work with the defaults."""
     return {name: value for name, value in options.items() if value is not None}
@@ -137,7 +137,7 @@ def ground_encoded(
     an encoding already made (what `model.ground` computes, without encoding again)."""
     if all(box is None for box in boxes):
         return [], []
-    maps, _ = model.heatmaps_from(encoding, texts, **_given(grounding_map=grounding_map))
+    maps, _ = model.heatmaps_from(encoding, texts, **given_options(grounding_map=grounding_map))
     heatmaps = upsample_heatmap(maps, image_size).float().cpu().numpy()
     ious, points = [], []
     for heatmap, box in zip(heatmaps, boxes):
@@ -219,7 +219,7 @@ def evaluate(
     """All the metrics of the module doc, each image encoded once. readout and grounding_map,
     when given, are passed to the model's methods (else its config decides)."""
     model.eval()
-    read = _given(readout=readout)
+    read = given_options(readout=readout)
     store = store or ImageStore(products, model.image_size)
     slots = [(p, i) for p, product in enumerate(products) for i in range(len(product.images))]
     image_pid = np.array([p for p, _ in slots])

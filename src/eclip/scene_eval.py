@@ -25,7 +25,13 @@ import torch
 
 from .data.catalog import Product, ProductImage
 from .data.dataset import ImageStore
-from .evaluation import _given, encoded_batches, ground_encoded, grounding_metrics, ranks_metrics
+from .evaluation import (
+    encoded_batches,
+    given_options,
+    ground_encoded,
+    grounding_metrics,
+    ranks_metrics,
+)
 from .model.eclip import ECLIP, ImageEncoding
 from .retrieval import image_text_query
 
@@ -123,7 +129,7 @@ def evaluate_scenes(
     if unknown:
         raise ValueError(f"unknown grouping {sorted(unknown)}; choose from {GROUPINGS}")
     model.eval()
-    read = _given(readout=readout)
+    read = given_options(readout=readout)
     catalog_index = {p.product_id: i for i, p in enumerate(catalog_products)}
     gallery = [(p, i) for p, product in enumerate(catalog_products) for i in range(len(product.images))]
     gallery_pid = np.array([p for p, _ in gallery])
@@ -143,7 +149,10 @@ def evaluate_scenes(
 
     # texts, each encoded once: the titles (grounding) and the category hints (retrieval)
     scene_of = sorted({p for p, _ in scenes})
-    titles = dict(zip(scene_of, model.encode_text([scene_products[p].title for p in scene_of]))) if ground else {}
+    title_list = [scene_products[p].title for p in scene_of] if ground else []
+    titles = {}
+    for start in range(0, len(title_list), batch_size):
+        titles |= dict(zip(scene_of[start : start + batch_size], model.encode_text(title_list[start : start + batch_size])))
     categories = sorted({scene_products[p].category for p in scene_of if scene_products[p].category is not None}) if hint else []
     hints = dict(zip(categories, model.encode_text([hint_template.format(c) for c in categories]))) if categories else {}
 
@@ -177,8 +186,8 @@ def evaluate_scenes(
         points=points,
         boxes=boxes,
     )
-    results: dict[str, float] = {"num_gallery": len(gallery), "scene_unmatched_products": unmatched}
-    results |= per_scene.metrics(np.arange(len(scenes)))  # num_scenes first among them
+    results: dict[str, float] = {"num_scenes": len(scenes), "num_gallery": len(gallery), "scene_unmatched_products": unmatched}
+    results |= per_scene.metrics(np.arange(len(scenes)))
     groups = [scene_groups(scene_products[p].images[i], area_edges, distractor_edges, occlusion_edges) for p, i in scenes]
     for grouping in group_by:
         names = _group_order(grouping, groups, area_edges, distractor_edges, occlusion_edges)
