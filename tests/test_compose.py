@@ -4,18 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from eclip.data import load_catalog
 from eclip.data.compose import ComposeConfig, compose_catalog, cut_out, cut_out_mask, render_scene
-from eclip.data.dataset import ImageStore
-from eclip.data.transforms import normalize
-from eclip.model.eclip import ECLIP, Grounding
-from eclip.scene_eval import evaluate_scenes
 from eclip_app.cli import main
-
-from .conftest import micro_config
 
 # one pure colour per product, grouped by category; the scene backgrounds never reach 0 or 255
 # in a channel, so an exact match of these colours is the product itself
@@ -146,64 +139,6 @@ def test_keep_clean_and_single_category_fallback(clean_catalog, tmp_path, capsys
 
     code = main(["-q", "compose", "--catalog", str(clean_catalog), "--out", str(tmp_path / "cli"), "--scenes-per-product", "2", "--size", "48", "--no-progress"])
     assert code == 0 and "12 scenes of 6 products" in capsys.readouterr().out
-
-
-# ---------------------------------------------------------------------------- scene evaluation
-
-
-def _oracle_lookup(model, *catalogs):
-    """Image tensor bytes -> (product_id, box) for every image the evaluation will load."""
-    table = {}
-    for products in catalogs:
-        store = ImageStore(products, model.image_size)
-        for p, product in enumerate(products):
-            for i, image in enumerate(product.images):
-                key = normalize(store.get(p, i).unsqueeze(0))[0].numpy().tobytes()
-                table[key] = (product.product_id, image.box)
-    return table
-
-
-@pytest.mark.parametrize("decoder", [True, False])
-def test_evaluate_scenes_metrics_in_range(scenes, clean_catalog, decoder):
-    torch.manual_seed(0)
-    model = ECLIP(micro_config(decoder=decoder))
-    scene_products, _ = load_catalog(scenes)
-    catalog_products, _ = load_catalog(clean_catalog)
-    results = evaluate_scenes(model, scene_products, catalog_products, batch_size=8, progress=False)
-    assert results["num_scenes"] == 18 and results["num_gallery"] == 6
-    for key in ["scene_to_catalog_map10", "scene_to_catalog_r1", "scene_to_catalog_r10", "scene_grounding_acc50", "scene_grounding_pointing"]:
-        assert 0.0 <= results[key] <= 1.0
-    assert results["scene_to_catalog_r10"] == 1.0  # six products: the right one is always in the top 10
-
-
-def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):
-    model = ECLIP(micro_config())
-    scene_products, _ = load_catalog(scenes)
-    catalog_products, _ = load_catalog(clean_catalog)
-    extra = load_catalog(scenes)[0][:1]
-    extra[0].product_id = "not-in-catalog"
-    table = _oracle_lookup(model, scene_products, catalog_products)
-    ids = sorted({p.product_id for p in catalog_products})
-
-    def product_embedding(images, readout=None):
-        index = [ids.index(table[image.numpy().tobytes()][0]) for image in images]
-        return torch.nn.functional.one_hot(torch.tensor(index), len(ids)).float()
-
-    def ground(images, texts, grounding_map=None):
-        boxes = [table[image.numpy().tobytes()][1] for image in images]
-        size = images.shape[-1]
-        heatmaps = torch.zeros(len(images), size, size)
-        for heatmap, (x0, y0, x1, y1) in zip(heatmaps, boxes):
-            heatmap[int((y0 + y1) / 2 * size), int((x0 + x1) / 2 * size)] = 1.0
-        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=None)
-
-    monkeypatch.setattr(model, "product_embedding", product_embedding)
-    monkeypatch.setattr(model, "ground", ground)
-    results = evaluate_scenes(model, scene_products + extra, catalog_products, batch_size=4, progress=False)
-    assert results["scene_to_catalog_map10"] == 1.0 and results["scene_to_catalog_r1"] == 1.0
-    assert results["scene_grounding_acc50"] == 1.0 and results["scene_grounding_pointing"] == 1.0
-    assert results["scene_unmatched_products"] == 1 and results["num_scenes"] == 18
-    assert results["scene_grounding_acc50_random_box"] < 1.0
 
 
 def test_unreadable_photo_is_skipped(clean_catalog, tmp_path):

@@ -9,6 +9,7 @@ probe of the category on the frozen product embeddings.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from .data.catalog import Product
 from .data.dataset import ImageStore
 from .data.transforms import normalize
-from .model.eclip import ECLIP
+from .model.eclip import ECLIP, ImageEncoding
 from .model.grounding import box_iou, peak_point, upsample_heatmap
 
 PROMPTS = ["a photo of a {}", "{}", "a {} for sale", "product listing of a {}", "a {} in a listing photo"]
@@ -83,6 +84,62 @@ def random_box_baseline(boxes: list[tuple], seed: int = 0, trials: int = 20) -> 
     if not ious:
         return 0.0, 0.0
     return float(np.mean(np.array(ious) >= 0.5)), float(np.mean(ious))
+
+
+def point_in_box(point: tuple[float, float], box: tuple[float, ...]) -> bool:
+    """The pointing game's hit: (x, y) inside (x0, y0, x1, y1), edges included."""
+    x, y = point
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def grounding_metrics(ious: list[float], points: list[bool], boxes: list[tuple], prefix: str) -> dict[str, float]:
+    """Acc@IoU0.5, mean IoU and pointing game, each with its random floor, as `{prefix}acc50`..."""
+    if not ious:
+        return {}
+    acc_random, iou_random = random_box_baseline(boxes)
+    return {
+        f"{prefix}acc50": float(np.mean(np.array(ious) >= 0.5)),
+        f"{prefix}mean_iou": float(np.mean(ious)),
+        f"{prefix}pointing": float(np.mean(points)),
+        f"{prefix}acc50_random_box": acc_random,
+        f"{prefix}mean_iou_random_box": iou_random,
+        # a point drawn uniformly lands in the box with probability = its area
+        f"{prefix}pointing_random": float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])),
+    }
+
+
+def encoded_batches(
+    model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, ImageEncoding]]:
+    """(slots, normalised images, encoding) per batch: each image through the image tower once,
+    every metric read from the same encoding."""
+    for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        chunk = slots[start : start + batch_size]
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+        yield chunk, images, model.encode_image(images)
+
+
+def ground_encoded(
+    model: ECLIP,
+    encoding: ImageEncoding,
+    image_size: tuple[int, int],
+    texts: torch.Tensor,  # (B, D): text i for image i
+    boxes: list[tuple | None],  # the true box of image i, or None (not scored)
+    grounding_map: str | None = None,
+) -> tuple[list[float], list[bool]]:
+    """IoU of the model's box and the pointing-game hit of each image that has a true box, from
+    an encoding already made (what `model.ground` computes, without encoding again)."""
+    if all(box is None for box in boxes):
+        return [], []
+    maps, _ = model.heatmaps_from(encoding, texts, grounding_map=grounding_map)
+    heatmaps = upsample_heatmap(maps, image_size).float().cpu().numpy()
+    ious, points = [], []
+    for heatmap, box in zip(heatmaps, boxes):
+        if box is None:
+            continue
+        ious.append(box_iou(model.box_from_heatmap(heatmap, grounding_map), box))  # the map's own box rule
+        points.append(point_in_box(peak_point(heatmap), box))
+    return ious, points
 
 
 def fit_logistic_regression(
@@ -153,7 +210,8 @@ def evaluate(
     readout: str | None = None,
     grounding_map: str | None = None,
 ) -> dict[str, float]:
-    """`readout` and `grounding_map`: how a decoder model is read (default: its config's)."""
+    """All the metrics of the module doc, each image encoded once. readout and grounding_map,
+    when given, are passed to the model's methods (else its config decides)."""
     model.eval()
     store = store or ImageStore(products, model.image_size)
     slots = [(p, i) for p, product in enumerate(products) for i in range(len(product.images))]
@@ -169,10 +227,7 @@ def evaluate(
 
     product_embeddings, title_scores, label_scores = [], [], []
     ious, points = [], []
-    for start in tqdm(range(0, len(slots), batch_size), desc="evaluating", unit="batch", disable=not progress, leave=False):
-        chunk = slots[start : start + batch_size]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
-        encoding = model.encode_image(images)
+    for chunk, images, encoding in encoded_batches(model, store, slots, batch_size, "evaluating", progress):
         product_embeddings.append(model.product_embedding_from(encoding, readout))
         title_scores.append(model.image_text_scores(encoding, titles, readout))
         if labels is not None:
@@ -180,15 +235,10 @@ def evaluate(
         for name, embeddings in attribute_labels.items():
             attribute_scores[name].append(model.image_text_scores(encoding, embeddings, readout))
         own = titles[torch.tensor([p for p, _ in chunk])]
-        maps, _ = model.heatmaps_from(encoding, own, grounding_map)
-        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1])).numpy()
-        for (p, i), heatmap in zip(chunk, heatmaps):
-            box = products[p].images[i].box
-            if box is None:
-                continue
-            ious.append(box_iou(model.box_from_heatmap(heatmap, grounding_map), box))  # the model's own box rule
-            x, y = peak_point(heatmap)
-            points.append(box[0] <= x <= box[2] and box[1] <= y <= box[3])
+        boxes = [products[p].images[i].box for p, i in chunk]
+        chunk_ious, chunk_points = ground_encoded(model, encoding, tuple(images.shape[-2:]), own, boxes, grounding_map)
+        ious += chunk_ious
+        points += chunk_points
 
     results: dict[str, float] = {"num_products": len(products), "num_images": len(slots)}
 
@@ -231,12 +281,6 @@ def evaluate(
         results[f"attribute_{name}_top1"] = float((predicted == truth)[known].mean())
         results[f"attribute_{name}_macro_f1"] = macro_f1(predicted[known], truth[known], len(values))
 
-    if ious:
-        boxes = [products[p].images[i].box for p, i in slots if products[p].images[i].box is not None]
-        results["grounding_acc50"] = float(np.mean(np.array(ious) >= 0.5))
-        results["grounding_mean_iou"] = float(np.mean(ious))
-        results["grounding_pointing"] = float(np.mean(points))
-        results["grounding_acc50_random_box"], results["grounding_mean_iou_random_box"] = random_box_baseline(boxes)
-        # a point drawn uniformly lands in the box with probability = its area
-        results["grounding_pointing_random"] = float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]))
+    boxes = [products[p].images[i].box for p, i in slots if products[p].images[i].box is not None]
+    results |= grounding_metrics(ious, points, boxes, "grounding_")
     return results

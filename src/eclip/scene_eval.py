@@ -2,37 +2,101 @@
 
 Each scene (a cluttered image holding the product, e.g. from `eclip compose`) is a query; the
 gallery is the clean catalog images of all the products under evaluation. A hit is a gallery
-image of the scene's product. Both sides are embedded with `model.product_embedding`, the
-text-free product vector (for the CLIP baseline, the global embedding). The same pass grounds
-each scene's product from its title (`model.ground`) against its true box.
+image of the scene's product. Both sides are embedded with the model's product embedding, the
+text-free product vector (for the CLIP baseline, the global embedding). With several products in
+the scene a text-free vector cannot know which one is meant, so the scenes also query with a
+hint, the product's category (`HINT_TEMPLATE`, never the title), as `eclip search --image
+--text` does (`eclip.retrieval.image_text_query`). The same encoding of each scene grounds its
+product from its title against its true box.
+
+Every metric is also reported by group, so that a result says where it holds: by the product's
+share of the scene's area, by the number of distractors, by occlusion and by the composer's
+regime name (keys `by_<grouping>/<group>/<metric>`, each group with its `num_scenes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .data.catalog import Product
+from .data.catalog import Product, ProductImage
 from .data.dataset import ImageStore
-from .data.transforms import normalize
-from .evaluation import random_box_baseline, ranks_metrics
-from .model.eclip import ECLIP
-from .model.grounding import box_iou, peak_point
+from .evaluation import (
+    encoded_batches,
+    ground_encoded,
+    grounding_metrics,
+    ranks_metrics,
+)
+from .model.eclip import ECLIP, ImageEncoding
+from .retrieval import image_text_query
 
 logger = logging.getLogger("eclip.evaluation")
 
+HINT_TEMPLATE = "a photo of a {}"  # filled with the scene product's category
+GROUPINGS = ("area", "distractors", "occlusion", "regime")
+# bucket edges: a value v is in bucket k when edges[k-1] <= v < edges[k]
+AREA_EDGES = (0.10, 0.25)  # the product's share of the scene: small, medium, large
+DISTRACTOR_EDGES = (2, 4)  # other products in the scene: 0-1, 2-3, 4+
+OCCLUSION_EDGES = (0.01, 0.15)  # hidden share of the product: none, some, much
 
-@torch.no_grad()
-def _embed(model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool, readout: str | None = None) -> np.ndarray:
-    out = []
-    for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        chunk = slots[start : start + batch_size]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
-        out.append(model.product_embedding(images, readout).float().cpu())
-    return torch.cat(out).numpy()
+# the rows of `scene_table` unless told otherwise
+TABLE_METRICS = (
+    "scene_to_catalog_map10",
+    "scene_to_catalog_r1",
+    "scene_to_catalog_hinted_map10",
+    "scene_to_catalog_hinted_r1",
+    "scene_grounding_acc50",
+    "scene_grounding_acc50_random_box",
+    "scene_grounding_pointing",
+    "scene_grounding_pointing_random",
+)
+
+
+def bucket_names(edges: Sequence[float], percent: bool) -> list[str]:
+    """Names of the len(edges) + 1 buckets: "<10%", "10-25%", ">=25%" for fractions, "0-1",
+    "2-3", "4+" for counts."""
+    if list(edges) != sorted(edges) or len(set(edges)) != len(edges):
+        raise ValueError(f"bucket edges must be strictly increasing, got {tuple(edges)}")
+    if percent:
+        pct = [f"{100 * e:g}" for e in edges]
+        return [f"<{pct[0]}%"] + [f"{a}-{b}%" for a, b in zip(pct, pct[1:])] + [f">={pct[-1]}%"]
+    bounds = [0, *(int(e) for e in edges)]
+    names = [f"{a}" if b - 1 == a else f"{a}-{b - 1}" for a, b in zip(bounds, bounds[1:])]
+    return names + [f"{bounds[-1]}+"]
+
+
+def _bucket(value: float, edges: Sequence[float], names: list[str]) -> str:
+    return names[int(np.searchsorted(np.asarray(edges), value, side="right"))]
+
+
+def scene_groups(
+    image: ProductImage,
+    area_edges: Sequence[float] = AREA_EDGES,
+    distractor_edges: Sequence[int] = DISTRACTOR_EDGES,
+    occlusion_edges: Sequence[float] = OCCLUSION_EDGES,
+) -> dict[str, str]:
+    """grouping -> group of one scene, from what its catalog entry says (`eclip compose`'s
+    `area`, `distractors`, `occlusion`, `regime`); the area falls back to the box's. A grouping
+    the entry has nothing for is left out."""
+    meta = image.metadata
+    out = {}
+    area = meta.get("area")
+    if not isinstance(area, (int, float)) and image.box is not None:
+        x0, y0, x1, y1 = image.box
+        area = (x1 - x0) * (y1 - y0)
+    if isinstance(area, (int, float)):
+        out["area"] = _bucket(area, area_edges, bucket_names(area_edges, percent=True))
+    if isinstance(meta.get("distractors"), list):
+        out["distractors"] = _bucket(len(meta["distractors"]), distractor_edges, bucket_names(distractor_edges, percent=False))
+    if isinstance(meta.get("occlusion"), (int, float)):
+        out["occlusion"] = _bucket(meta["occlusion"], occlusion_edges, bucket_names(occlusion_edges, percent=True))
+    if meta.get("regime") is not None:
+        out["regime"] = str(meta["regime"])
+    return out
 
 
 @torch.no_grad()
@@ -43,13 +107,26 @@ def evaluate_scenes(
     batch_size: int = 128,
     progress: bool = True,
     ground: bool = True,
+    hint: bool = True,
+    hint_template: str = HINT_TEMPLATE,
+    hint_weight: float = 0.5,
+    group_by: Sequence[str] = GROUPINGS,
+    area_edges: Sequence[float] = AREA_EDGES,
+    distractor_edges: Sequence[int] = DISTRACTOR_EDGES,
+    occlusion_edges: Sequence[float] = OCCLUSION_EDGES,
     readout: str | None = None,
     grounding_map: str | None = None,
 ) -> dict[str, float]:
-    """Scene-to-catalog retrieval (mAP@10, R@1, R@10) and grounding (Acc@IoU0.5, mean IoU,
-    pointing game, with their random floors). Products are matched by product_id; a scene whose
-    product is not in the catalog has no right answer and is left out (counted). `readout` and
-    `grounding_map`: how a decoder model is read (default: its config's)."""
+    """Scene-to-catalog retrieval (mAP@10, R@1, R@10), text-free and hinted with the category
+    (`scene_to_catalog_hinted_*`, scenes whose product has a category), and grounding
+    (Acc@IoU0.5, mean IoU, pointing game, with their random floors), overall and by group
+    (`group_by`, buckets by the edges). Each scene goes through the image tower once.
+    Products are matched by product_id; a scene whose product is not in the catalog has no
+    right answer and is left out (counted). readout and grounding_map, when given, are passed
+    to the model's methods (else its config decides)."""
+    unknown = set(group_by) - set(GROUPINGS)
+    if unknown:
+        raise ValueError(f"unknown grouping {sorted(unknown)}; choose from {GROUPINGS}")
     model.eval()
     catalog_index = {p.product_id: i for i, p in enumerate(catalog_products)}
     gallery = [(p, i) for p, product in enumerate(catalog_products) for i in range(len(product.images))]
@@ -62,48 +139,131 @@ def evaluate_scenes(
         raise ValueError("no scene belongs to a catalog product: nothing to evaluate")
     scene_pid = np.array([catalog_index[scene_products[p].product_id] for p, _ in scenes])
 
-    scene_store = ImageStore(scene_products, model.image_size)
-    gallery_emb = _embed(model, ImageStore(catalog_products, model.image_size), gallery, batch_size, "catalog", progress, readout)
-    scene_emb = _embed(model, scene_store, scenes, batch_size, "scenes", progress, readout)
+    gallery_store = ImageStore(catalog_products, model.image_size)
+    gallery_emb = torch.cat([
+        model.product_embedding_from(encoding, readout).float().cpu()
+        for _, _, encoding in encoded_batches(model, gallery_store, gallery, batch_size, "catalog", progress)
+    ]).numpy()
 
-    relevant = scene_pid[:, None] == gallery_pid[None, :]
-    metrics = ranks_metrics(scene_emb @ gallery_emb.T, relevant, ks=(1, 10))
-    results: dict[str, float] = {
-        "num_scenes": len(scenes),
-        "num_gallery": len(gallery),
-        "scene_unmatched_products": unmatched,
-        "scene_to_catalog_map10": metrics["map10"],
-        "scene_to_catalog_r1": metrics["r1"],
-        "scene_to_catalog_r10": metrics["r10"],
-    }
-    if ground:
-        results |= _grounding(model, scene_products, scene_store, scenes, batch_size, progress, grounding_map)
+    # texts, each encoded once: the titles (grounding) and the category hints (retrieval)
+    scene_of = sorted({p for p, _ in scenes})
+    title_list = [scene_products[p].title for p in scene_of] if ground else []
+    titles = {}
+    for start in range(0, len(title_list), batch_size):
+        titles |= dict(zip(scene_of[start : start + batch_size], model.encode_text(title_list[start : start + batch_size])))
+    categories = sorted({scene_products[p].category for p in scene_of if scene_products[p].category is not None}) if hint else []
+    hints = dict(zip(categories, model.encode_text([hint_template.format(c) for c in categories]))) if categories else {}
+
+    boxes = [scene_products[p].images[i].box if ground else None for p, i in scenes]
+    scene_emb, hinted_emb, ious, points = [], [], np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)
+    offset = 0  # the batch's first scene
+    for chunk, images, encoding in encoded_batches(model, ImageStore(scene_products, model.image_size), scenes, batch_size, "scenes", progress):
+        scene_emb.append(model.product_embedding_from(encoding, readout).float().cpu())
+        hinted = [k for k, (p, _) in enumerate(chunk) if scene_products[p].category in hints]
+        if hinted:
+            texts = torch.stack([hints[scene_products[chunk[k][0]].category] for k in hinted])
+            query = image_text_query(_rows(encoding, hinted), texts, model.config, hint_weight, readout=readout)
+            hinted_emb.append(query.float().cpu())
+        chunk_boxes = boxes[offset : offset + len(chunk)]
+        if ground:
+            texts = torch.stack([titles[p] for p, _ in chunk])
+            chunk_ious, chunk_points = ground_encoded(model, encoding, tuple(images.shape[-2:]), texts, chunk_boxes, grounding_map)
+            boxed = offset + np.array([k for k, box in enumerate(chunk_boxes) if box is not None], dtype=int)
+            ious[boxed], points[boxed] = chunk_ious, chunk_points
+        offset += len(chunk)
+
+    has_hint = np.array([scene_products[p].category in hints for p, _ in scenes], dtype=bool)
+    per_scene = _PerScene(
+        scene_emb=torch.cat(scene_emb).numpy(),
+        hinted_emb=torch.cat(hinted_emb).numpy() if hinted_emb else np.zeros((0, gallery_emb.shape[1]), np.float32),
+        hinted_row=np.cumsum(has_hint) - 1,  # scene -> its row in hinted_emb
+        has_hint=has_hint,
+        gallery_emb=gallery_emb,
+        relevant=scene_pid[:, None] == gallery_pid[None, :],
+        ious=ious,
+        points=points,
+        boxes=boxes,
+    )
+    results: dict[str, float] = {"num_scenes": len(scenes), "num_gallery": len(gallery), "scene_unmatched_products": unmatched}
+    results |= per_scene.metrics(np.arange(len(scenes)))
+    groups = [scene_groups(scene_products[p].images[i], area_edges, distractor_edges, occlusion_edges) for p, i in scenes]
+    for grouping in group_by:
+        names = _group_order(grouping, groups, area_edges, distractor_edges, occlusion_edges)
+        for name in names:
+            rows = np.array([k for k, g in enumerate(groups) if g.get(grouping) == name], dtype=int)
+            if len(rows):
+                for key, value in per_scene.metrics(rows).items():
+                    results[f"by_{grouping}/{name}/{key}"] = value
     return results
 
 
-def _grounding(model: ECLIP, products: list[Product], store: ImageStore, scenes: list[tuple[int, int]], batch_size: int, progress: bool, grounding_map: str | None = None) -> dict[str, float]:
-    boxed = [(p, i) for p, i in scenes if products[p].images[i].box is not None]
-    if not boxed:
-        return {}
-    ious, points = [], []
-    for start in tqdm(range(0, len(boxed), batch_size), desc="grounding", unit="batch", disable=not progress, leave=False):
-        chunk = boxed[start : start + batch_size]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
-        result = model.ground(images, [products[p].title for p, _ in chunk], grounding_map)
-        heatmaps = result.heatmaps.float().cpu().numpy()
-        for (p, i), predicted, heatmap in zip(chunk, result.boxes, heatmaps):
-            box = products[p].images[i].box
-            ious.append(box_iou(predicted, box))
-            x, y = peak_point(heatmap)
-            points.append(box[0] <= x <= box[2] and box[1] <= y <= box[3])
-    boxes = [products[p].images[i].box for p, i in boxed]
-    acc_random, iou_random = random_box_baseline(boxes)
-    return {
-        "scene_grounding_acc50": float(np.mean(np.array(ious) >= 0.5)),
-        "scene_grounding_mean_iou": float(np.mean(ious)),
-        "scene_grounding_pointing": float(np.mean(points)),
-        "scene_grounding_acc50_random_box": acc_random,
-        "scene_grounding_mean_iou_random_box": iou_random,
-        # a point drawn uniformly lands in the box with probability = its area
-        "scene_grounding_pointing_random": float(np.mean([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])),
-    }
+def _rows(encoding: ImageEncoding, rows: list[int]) -> ImageEncoding:
+    """The encoding of some of the batch's images."""
+    if rows == list(range(len(encoding.global_embedding))):
+        return encoding
+    index = torch.tensor(rows)
+    pick = lambda t: None if t is None else t[index]  # noqa: E731
+    return dataclasses.replace(
+        encoding,
+        global_embedding=encoding.global_embedding[index],
+        instances=pick(encoding.instances),
+        productness=pick(encoding.productness),
+        attention=pick(encoding.attention),
+        tokens=encoding.tokens[index],
+    )
+
+
+def _group_order(grouping: str, groups: list[dict[str, str]], area_edges, distractor_edges, occlusion_edges) -> list[str]:
+    """The groups of one grouping in bucket order (regimes by name)."""
+    if grouping == "area":
+        return bucket_names(area_edges, percent=True)
+    if grouping == "distractors":
+        return bucket_names(distractor_edges, percent=False)
+    if grouping == "occlusion":
+        return bucket_names(occlusion_edges, percent=True)
+    return sorted({g[grouping] for g in groups if grouping in g})
+
+
+class _PerScene:
+    """What one pass recorded per scene, and the metrics of any subset of the scenes."""
+
+    def __init__(self, scene_emb, hinted_emb, hinted_row, has_hint, gallery_emb, relevant, ious, points, boxes):
+        self.scene_emb, self.hinted_emb, self.hinted_row, self.has_hint = scene_emb, hinted_emb, hinted_row, has_hint
+        self.gallery_emb, self.relevant = gallery_emb, relevant
+        self.ious, self.points, self.boxes = ious, points, boxes
+
+    def metrics(self, rows: np.ndarray) -> dict[str, float]:
+        out: dict[str, float] = {"num_scenes": len(rows)}
+        m = ranks_metrics(self.scene_emb[rows] @ self.gallery_emb.T, self.relevant[rows], ks=(1, 10))
+        out |= {"scene_to_catalog_map10": m["map10"], "scene_to_catalog_r1": m["r1"], "scene_to_catalog_r10": m["r10"]}
+        hinted = rows[self.has_hint[rows]]
+        if len(hinted):
+            queries = self.hinted_emb[self.hinted_row[hinted]]
+            m = ranks_metrics(queries @ self.gallery_emb.T, self.relevant[hinted], ks=(1, 10))
+            out |= {
+                "num_hinted_scenes": len(hinted),
+                "scene_to_catalog_hinted_map10": m["map10"],
+                "scene_to_catalog_hinted_r1": m["r1"],
+                "scene_to_catalog_hinted_r10": m["r10"],
+            }
+        boxed = [r for r in rows if self.boxes[r] is not None]
+        out |= grounding_metrics(
+            [float(self.ious[r]) for r in boxed], [bool(self.points[r]) for r in boxed], [self.boxes[r] for r in boxed], "scene_grounding_"
+        )
+        return out
+
+
+def scene_table(results: dict[str, float], grouping: str, metrics: Sequence[str] = TABLE_METRICS) -> str:
+    """A Markdown table of metrics (rows) by the groups of one grouping (columns, "all" first),
+    from `evaluate_scenes`' result; empty when the result has no such groups."""
+    prefix = f"by_{grouping}/"
+    names = list(dict.fromkeys(key[len(prefix) :].split("/")[0] for key in results if key.startswith(prefix)))
+    if not names:
+        return ""
+    cell = lambda key: f"{results[key]:.3f}" if key in results else "-"  # noqa: E731
+    lines = [f"| {grouping} | all | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    lines.append("| scenes | " + " | ".join([str(results["num_scenes"])] + [str(results[f"{prefix}{n}/num_scenes"]) for n in names]) + " |")
+    for metric in metrics:
+        if metric in results or any(f"{prefix}{n}/{metric}" in results for n in names):
+            lines.append(f"| {metric} | {cell(metric)} | " + " | ".join(cell(f"{prefix}{n}/{metric}") for n in names) + " |")
+    return "\n".join(lines)

@@ -123,14 +123,18 @@ def _compose(args) -> int:
 def _eval_scenes(args) -> int:
     from eclip.data import load_catalog
     from eclip.io import load_model
-    from eclip.scene_eval import evaluate_scenes
+    from eclip.scene_eval import evaluate_scenes, scene_table
 
     model = load_model(args.model)
     scenes, _ = load_catalog(args.scenes)
     catalog, _ = load_catalog(args.catalog)
-    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress,
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress and not args.json, group_by=group_by,
                               readout=args.readout, grounding_map=args.grounding_map)
-    print(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n\n".join(t for t in (scene_table(results, g) for g in group_by) if t) or json.dumps(results, indent=2))
     return 0
 
 
@@ -283,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--scenes", required=True, help="scene catalog (eclip compose's catalog.jsonl)")
     es.add_argument("--catalog", required=True, help="clean catalog of the same products (the gallery)")
     es.add_argument("--batch-size", type=int, default=128)
+    es.add_argument("--group-by", default="area,distractors,occlusion,regime", help="metric tables by these scene groupings (comma separated)")
+    es.add_argument("--json", action="store_true", help="print every metric, grouped ones included, as JSON")
     _read_options(es)
     es.add_argument("--no-progress", action="store_true")
     es.set_defaults(func=_eval_scenes)

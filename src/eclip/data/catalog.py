@@ -5,6 +5,8 @@
      "category": "t-shirt", "attributes": {"colour": "red"}}
 
 Image paths are relative to the catalog file. A box is (x0, y0, x1, y1) in pixels of its image.
+An image entry's other fields (a composed scene's `occlusion`, `distractors`, ...) are kept as
+they are in `ProductImage.metadata`.
 Loading validates every line: a malformed line, a missing field, an empty title, a duplicate
 product id or an unreadable image is reported with file and line, skipped and counted. A run
 never dies on one bad record; it fails with `CatalogError` only if nothing usable is left.
@@ -31,6 +33,8 @@ class CatalogError(ValueError):
 class ProductImage:
     path: str  # absolute path
     box: tuple[float, float, float, float] | None = None  # fractions of width and height
+    # the entry's other fields as written (e.g. a composed scene's occlusion, distractors, regime)
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -156,8 +160,10 @@ def _parse_line(line, number, root, seen, report, check_images) -> Product | Non
 
 def _parse_image(entry, number, root, product_id, report, check_images) -> ProductImage | None:
     box_raw = None
+    metadata = {}
     if isinstance(entry, dict):
         box_raw = entry.get("box")
+        metadata = {k: v for k, v in entry.items() if k not in ("path", "box")}
         entry = entry.get("path")
     if not isinstance(entry, str) or not entry:
         report.add(number, "bad image entry", f"product {product_id}: image entry {entry!r} has no path")
@@ -183,4 +189,4 @@ def _parse_image(entry, number, root, product_id, report, check_images) -> Produ
         except ValueError as error:
             report.add(number, "bad box", f"product {product_id}: image {image_path}: {error}")
             return None
-    return ProductImage(path=str(image_path), box=box)
+    return ProductImage(path=str(image_path), box=box, metadata=metadata)

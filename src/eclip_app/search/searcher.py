@@ -7,11 +7,9 @@ product embedding by default): text with the text tower, an image with `product_
 (`to_uint8_tensor` at `model.image_size`, then `normalize`).
 
 Image + text: the query photo may show several products, and the text says which one and what
-should differ. With an instance decoder the image side is the *text-guided* instance (ECLIP's
-selection: the decoder query that matches the text, as in training), not the productness-
-weighted average; the query vector is then normalise(image_vec + text_vec). Both are unit
-vectors in the same space, so its inner product with a product vector is proportional to the
-mean of the two cosines: each modality weighs the same (`text_weight` changes that).
+should differ. The query vector is `eclip.retrieval.image_text_query`: the text-guided instance
+(with an instance decoder) plus the text, renormalised; each modality weighs the same
+(`text_weight` changes that).
 """
 
 from __future__ import annotations
@@ -21,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.io import load_model
 from eclip.model.eclip import ECLIP
+from eclip.retrieval import image_text_query
 
 from .index import Hit, IndexFolderError, ProductIndex
 
@@ -95,11 +93,7 @@ class Searcher:
         """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
         encoding = self.model.encode_image(self._pixels([image]))
         text_vec = self.model.encode_text([text])  # (1, D)
-        if self.field == "global":
-            image_vec = encoding.global_embedding
-        else:
-            image_vec = self.model.text_guided_embedding(encoding, text_vec)
-        query = F.normalize((1 - text_weight) * image_vec + text_weight * text_vec, dim=-1)
+        query = image_text_query(encoding, text_vec, self.model.config, text_weight, self.field)
         return query[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------ search

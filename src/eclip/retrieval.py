@@ -1,0 +1,41 @@
+"""Query vectors shared by search and evaluation.
+
+Image + text: the query photo may show several products, and the text says which one. With an
+instance decoder the image side is the *text-guided* instance (ECLIP's selection: the decoder
+query that matches the text, as in training), not the productness-weighted average; the query
+vector is then normalise((1 - w) * image_vec + w * text_vec). Both are unit vectors in the same
+space, so with w = 0.5 its inner product with a product vector is proportional to the mean of
+the two cosines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model.eclip import ImageEncoding, text_guided_embedding
+
+
+def image_text_query(
+    encoding: ImageEncoding,
+    texts: torch.Tensor,  # (B, D) unit vectors: text i goes with image i
+    config: ModelConfig,
+    text_weight: float = 0.5,
+    field: str = "product",
+    readout: str | None = None,
+) -> torch.Tensor:
+    """(B, D) unit query vectors for image i plus text i. field="global" (an index of global
+    embeddings) takes the global embedding as the image side; readout, when given, reads the
+    decoder as that instead of `config.readout`."""
+    if not 0.0 <= text_weight <= 1.0:
+        raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
+    if field == "global":
+        image_vec = encoding.global_embedding
+    else:
+        if readout is not None:
+            config = dataclasses.replace(config, readout=readout)
+        image_vec = text_guided_embedding(encoding, texts, config)
+    return F.normalize((1 - text_weight) * image_vec + text_weight * texts, dim=-1)
