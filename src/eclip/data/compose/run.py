@@ -133,7 +133,7 @@ class _Composer:
 
     def _person(self, rng: random.Random, index: int, pool: list[int]) -> int | None:
         """A product whose photo shows a person (of a few drawn), for the people distractor."""
-        for _ in range(8):
+        for _ in range(12):
             other = self._other(rng, index, pool)
             if self._cut(other) is not None and self.cache.skin_fraction(self.products[other].images[0].path) >= PERSON_SKIN:
                 return other
