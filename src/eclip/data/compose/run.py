@@ -257,6 +257,8 @@ def compose_catalog(
     step = max(1, min(64, math.ceil(len(mine) / (workers * 4))))
     blocks = [range(i, min(i + step, mine.stop)) for i in range(mine.start, mine.stop, step)]
 
+    catalog = out / ("catalog.jsonl" if world_size == 1 else part_name(rank, world_size))
+    tmp = catalog.with_name(f"{catalog.name}.{rank}.{os.getpid()}.tmp")
     started = time.perf_counter()
     total = _Chunk()
     bar = tqdm(total=len(mine), desc="composing", unit="product", disable=not progress, leave=False)
@@ -268,36 +270,30 @@ def compose_catalog(
         pool = ProcessPoolExecutor(workers, initializer=_start, initargs=args)
         chunks = pool.map(_compose_chunk, blocks)
     try:
-        for block, chunk in zip(blocks, chunks):
-            total.records += chunk.records
-            total.scenes += chunk.scenes
-            total.fallback += chunk.fallback
-            total.unreadable |= chunk.unreadable
-            total.empty |= chunk.empty
-            total.cut_outs += chunk.cut_outs
-            bar.update(len(block))
+        with tmp.open("w", encoding="utf-8") as file:  # records stream out in product order
+            for block, chunk in zip(blocks, chunks):
+                file.writelines(chunk.records)
+                total.scenes += chunk.scenes
+                total.fallback += chunk.fallback
+                total.unreadable |= chunk.unreadable
+                total.empty |= chunk.empty
+                total.cut_outs += chunk.cut_outs
+                bar.update(len(block))
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    tmp.replace(catalog)
     seconds = time.perf_counter() - started
     if total.fallback:
         logger.warning("%d products have no product of another category; their distractors are any other product", total.fallback)
 
-    catalog = out / ("catalog.jsonl" if world_size == 1 else part_name(rank, world_size))
-    _write(catalog, "".join(total.records), tag=str(rank))
     (out / "compose.json").write_text(json.dumps(asdict(config), indent=2))
     merged = catalog if world_size == 1 else merge_parts(out, world_size, missing_ok=True)
     if merged is not None and own_dir:
         shutil.rmtree(disk, ignore_errors=True)  # every rank is done with it
     return ComposeResult(catalog, len(mine) - len(total.unreadable), total.scenes, seconds, total.fallback,
                          len(total.empty), len(total.unreadable), workers, total.cut_outs, merged)
-
-
-def _write(path: Path, text: str, tag: str = "") -> None:
-    tmp = path.with_name(f"{path.name}.{tag}{os.getpid()}.tmp")  # ranks merging at once do not collide
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def merge_parts(out_dir: str | Path, world_size: int | None = None, missing_ok: bool = False) -> Path | None:
@@ -319,7 +315,11 @@ def merge_parts(out_dir: str | Path, world_size: int | None = None, missing_ok: 
         if missing_ok:
             return None
         raise ValueError(f"{out}: catalog parts of ranks {missing} (of world size {world_size}) are missing")
-    text = "".join((out / part_name(r, world_size)).read_text(encoding="utf-8") for r in range(world_size))
     catalog = out / "catalog.jsonl"
-    _write(catalog, text, tag="merge")
+    tmp = catalog.with_name(f"{catalog.name}.merge.{os.getpid()}.tmp")  # ranks merging at once do not collide
+    with tmp.open("wb") as file:
+        for r in range(world_size):
+            with (out / part_name(r, world_size)).open("rb") as part:
+                shutil.copyfileobj(part, file)
+    tmp.replace(catalog)
     return catalog
