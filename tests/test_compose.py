@@ -322,6 +322,9 @@ def test_bad_settings_are_named(clean_catalog, tmp_path, capsys):
     ]:
         assert main(base + flags) == 2
         assert message in capsys.readouterr().err
+    # a side range given to an area regime replaces the preset's area range
+    assert main(base + ["--regime", "small", "--product-scale", "0.5,0.5", "--limit", "1", "--scenes-per-product", "1", "--size", "64"]) == 0
+    assert json.loads((tmp_path / "x" / "compose.json").read_text())["product_area"] is None
     assert main(["-q", "compose", "--out", str(tmp_path / "empty"), "--merge"]) == 1
     assert "expected catalog parts of one world size" in capsys.readouterr().err
 

@@ -115,9 +115,11 @@ def _compose_config(args):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.product_scale is not None and args.product_area is None:
+        overrides["product_area"] = None  # the side range replaces the preset's area range
     if args.no_overlays:
         overrides.update(banner_probability=0.0, clutter=(0, 0))
-    given = [f"--{n.replace('_', '-')}" for n in GEOMETRY if n in overrides]
+    given = [f"--{n.replace('_', '-')}" for n in GEOMETRY if getattr(args, n) is not None]
     if args.regime == "mixed" and given:
         raise ValueError(f"{', '.join(given)} set one regime's geometry; --regime mixed draws the presets' geometry per scene")
     return regime_config(args.regime, **overrides)
