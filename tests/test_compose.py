@@ -7,7 +7,21 @@ import pytest
 from PIL import Image, ImageDraw
 
 from eclip.data import load_catalog
-from eclip.data.compose import ComposeConfig, compose_catalog, cut_out, cut_out_mask, render_scene
+from eclip.data.compose import (
+    BACKGROUNDS,
+    REGIMES,
+    ComposeConfig,
+    background,
+    camera,
+    compose_catalog,
+    cut_out,
+    cut_out_mask,
+    merge_parts,
+    regime_config,
+    render_scene,
+    share,
+    skin_fraction,
+)
 from eclip_app.cli import main
 
 # one pure colour per product, grouped by category; the scene backgrounds never reach 0 or 255
@@ -139,6 +153,173 @@ def test_keep_clean_and_single_category_fallback(clean_catalog, tmp_path, capsys
 
     code = main(["-q", "compose", "--catalog", str(clean_catalog), "--out", str(tmp_path / "cli"), "--scenes-per-product", "2", "--size", "48", "--no-progress"])
     assert code == 0 and "12 scenes of 6 products" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- workers, ranks
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "images").iterdir())}
+
+
+def test_output_is_the_same_for_any_workers_and_ranks(scenes, clean_catalog, tmp_path):
+    products, _ = load_catalog(clean_catalog)
+    config = ComposeConfig(scenes_per_product=3, size=64, seed=5)
+    result = compose_catalog(products, tmp_path / "w2", config, progress=False, workers=2)
+    assert result.workers == 2 and result.scenes == 18
+    assert (tmp_path / "w2" / "catalog.jsonl").read_text() == scenes.read_text()
+    assert _tree(tmp_path / "w2") == _tree(scenes.parent)
+    assert not list((tmp_path / "w2").glob(".cutouts-*"))  # the shared cut-outs are removed at the end
+
+    # three ranks into one folder: the last one merges the parts into the single-run catalog
+    out = tmp_path / "ranks"
+    results = [compose_catalog(products, out, config, progress=False, workers=1 + r % 2, rank=r, world_size=3) for r in [2, 0, 1]]
+    assert [r.merged for r in results[:2]] == [None, None] and results[2].merged == out / "catalog.jsonl"
+    assert sorted(p.name for p in out.glob("catalog.part-*")) == [f"catalog.part-0000{r}-of-00003.jsonl" for r in range(3)]
+    assert (out / "catalog.jsonl").read_text() == scenes.read_text()
+    assert _tree(out) == _tree(scenes.parent)
+    assert [len(share(7, r, 3)) for r in range(3)] == [2, 2, 3] and share(7, 2, 3).stop == 7
+
+    (out / "catalog.part-00001-of-00003.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"ranks \[1\] \(of world size 3\) are missing"):
+        merge_parts(out)
+    with pytest.raises(ValueError, match="rank 3 is not in"):
+        share(6, 3, 3)
+
+
+def test_cli_ranks_and_merge(clean_catalog, scenes, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cli"
+    common = ["-q", "compose", "--catalog", str(clean_catalog), "--out", str(out), "--scenes-per-product", "3", "--size", "64",
+              "--seed", "5", "--no-progress", "--workers", "1"]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    monkeypatch.setenv("RANK", "1")
+    assert main(common) == 0 and "the last rank merges" in capsys.readouterr().out
+    assert main([*common, "--rank", "0"]) == 0 and "whole catalog" in capsys.readouterr().out
+    assert (out / "catalog.jsonl").read_text() == scenes.read_text()
+    (out / "catalog.jsonl").unlink()
+    assert main(["-q", "compose", "--out", str(out), "--merge"]) == 0
+    assert (out / "catalog.jsonl").read_text() == scenes.read_text()
+
+
+# ---------------------------------------------------------------------------- regimes and looks
+
+
+def _records(catalog: Path) -> list[dict]:
+    return [json.loads(line) for line in catalog.read_text().splitlines()]
+
+
+def test_large_regime_is_the_original_setting():
+    assert regime_config("large") == ComposeConfig()
+    small = regime_config("small", size=96, distractors=(3, 3))
+    assert small.product_area == REGIMES["small"]["product_area"] and small.distractors == (3, 3) and small.size == 96
+
+
+@pytest.mark.parametrize("regime", ["small", "medium"])
+def test_regime_scenes_keep_their_ranges(clean_catalog, tmp_path, regime):
+    products, _ = load_catalog(clean_catalog)
+    config = regime_config(regime, scenes_per_product=6, size=96, seed=1)
+    compose_catalog(products, tmp_path, config, progress=False)
+    images = [i for r in _records(tmp_path / "catalog.jsonl") for i in r["images"]]
+    low, high = REGIMES[regime]["product_area"]
+    lo_count, hi_count = REGIMES[regime]["distractors"]
+    assert len(images) == 36
+    for image in images:
+        assert image["regime"] == regime
+        x0, y0, x1, y1 = image["box"]
+        assert image["area"] == pytest.approx((x1 - x0) * (y1 - y0) / 96**2, abs=1e-4)
+        fx0, fy0, fx1, fy1 = image["full_box"]
+        full = (fx1 - fx0) * (fy1 - fy0) / 96**2
+        assert low * 0.8 <= full <= high * 1.05  # the pasted product's box (rounding to pixels)
+        assert image["area"] <= full + 1e-4  # occlusion only shrinks the visible box
+        assert lo_count <= len(image["distractors"]) <= hi_count
+    fulls = [(i["full_box"][2] - i["full_box"][0]) * (i["full_box"][3] - i["full_box"][1]) / 96**2 for i in images]
+    assert np.median(fulls) == pytest.approx((low + high) / 2, abs=(high - low) / 4)  # spread over the range
+
+
+def test_mixed_regime_draws_each_regime_per_scene(clean_catalog, tmp_path):
+    products, _ = load_catalog(clean_catalog)
+    compose_catalog(products, tmp_path, regime_config("mixed", scenes_per_product=8, size=64), progress=False)
+    images = [i for r in _records(tmp_path / "catalog.jsonl") for i in r["images"]]
+    regimes = {i["regime"] for i in images}
+    assert regimes == {"large", "medium", "small"}
+    small = [i["area"] for i in images if i["regime"] == "small"]
+    large = [i["area"] for i in images if i["regime"] == "large"]
+    assert max(small) <= 0.15 * 1.05 and np.median(large) > np.median(small)
+
+
+def _person_photo() -> Image.Image:
+    image = Image.new("RGB", (96, 96), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((35, 5, 60, 30), fill=(224, 172, 140))  # a face
+    draw.rectangle((30, 30, 66, 90), fill=(20, 20, 120))  # the garment
+    return image
+
+
+def test_looks_photo_backdrops_camera_and_people(clean_catalog, tmp_path):
+    products, _ = load_catalog(clean_catalog)
+    person = tmp_path / "model.png"
+    _person_photo().save(person)
+    assert skin_fraction(cut_out(_person_photo())[0]) > 0.1
+    assert skin_fraction(cut_out(_photo((255, 0, 0), "rect"))[0]) == 0.0
+    products[0].images[0].path = str(person)  # tee0 is now an apparel photo with its model
+    config = ComposeConfig(scenes_per_product=4, size=64, backgrounds=("photo", "mosaic", "wood"), camera_probability=1.0,
+                           people_probability=1.0, distractors=(0, 0))
+    compose_catalog(products, tmp_path / "out", config, progress=False)
+    records = {r["product_id"]: r for r in _records(tmp_path / "out" / "catalog.jsonl")}
+    # no other distractors: the one listed is the person (found among a few drawn products)
+    listed = [i["distractors"] for pid in ["shoe0", "shoe1", "bag0", "bag1"] for i in records[pid]["images"]]
+    assert all(d in ([], ["tee0"]) for d in listed) and sum(d == ["tee0"] for d in listed) >= 12
+    scene = np.asarray(Image.open(tmp_path / "out" / records["shoe0"]["images"][0]["path"]))
+    assert scene.shape == (64, 64, 3) and scene.std() > 5
+
+
+@pytest.mark.parametrize("kind", BACKGROUNDS)
+def test_background_kinds(kind):
+    photo = np.asarray(_photo((200, 40, 40), "ellipse"))
+    out = background(np.random.default_rng(3), 80, (kind,), photos=lambda rng: photo)
+    again = background(np.random.default_rng(3), 80, (kind,), photos=lambda rng: photo)
+    assert out.shape == (80, 80, 3) and out.dtype == np.uint8 and (out == again).all()
+    assert out.mean() < 250  # never the plain white of a catalog photo
+    if kind in ("noise", "fabric", "wood", "mosaic", "stripes", "tiles"):
+        # a texture, not a flat colour under the fine noise every backdrop gets
+        assert np.abs(np.diff(out.astype(float), axis=1)).mean() > 2 or out.std() > 12
+    if kind in ("photo", "mosaic"):
+        with pytest.raises(ValueError, match="needs catalog photos"):
+            background(np.random.default_rng(3), 80, (kind,))
+    shot = camera(Image.fromarray(out), np.random.default_rng(0))
+    assert shot.size == (80, 80) and shot.mode == "RGB" and (np.asarray(shot) != out).any()
+
+
+def test_bad_settings_are_named(clean_catalog, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"distractors \(3, 1\) is not \(low, high\)"):
+        ComposeConfig(distractors=(3, 1)).validate()
+    with pytest.raises(ValueError, match="unknown background kinds"):
+        ComposeConfig(backgrounds=("marble",)).validate()
+    with pytest.raises(ValueError, match="regime 'tiny'"):
+        regime_config("tiny")
+    base = ["-q", "compose", "--catalog", str(clean_catalog), "--out", str(tmp_path / "x"), "--no-progress"]
+    for flags, message in [
+        (["--product-area", "0.3,0.1"], "is not LOW,HIGH with LOW <= HIGH"),
+        (["--distractors", "two,4"], "is not LOW,HIGH (ints)"),
+        (["--backgrounds", "solid,marble"], "unknown background 'marble'"),
+        (["--camera", "1.5"], "is not a probability"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(base + flags)
+        assert message in capsys.readouterr().err
+    for flags, message in [
+        (["--regime", "mixed", "--product-area", "0.1,0.2"], "--product-area set one regime's geometry"),
+        (["--product-area", "0,0.2"], "product_area (0.0, 0.2) is not (low, high)"),
+        (["--rank", "2", "--world-size", "2"], "--rank 2 is not in [0, --world-size 2)"),
+        (["--workers", "-1"], "--workers -1 must be >= 1"),
+    ]:
+        assert main(base + flags) == 2
+        assert message in capsys.readouterr().err
+    # a side range given to an area regime replaces the preset's area range
+    assert main(base + ["--regime", "small", "--product-scale", "0.5,0.5", "--limit", "1", "--scenes-per-product", "1", "--size", "64"]) == 0
+    assert json.loads((tmp_path / "x" / "compose.json").read_text())["product_area"] is None
+    assert main(["-q", "compose", "--out", str(tmp_path / "empty"), "--merge"]) == 1
+    assert "expected catalog parts of one world size" in capsys.readouterr().err
 
 
 def test_unreadable_photo_is_skipped(clean_catalog, tmp_path):

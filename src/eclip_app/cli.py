@@ -101,23 +101,115 @@ def _from_csv(args) -> int:
     return 0 if report.products else 1
 
 
-def _compose(args) -> int:
-    from eclip.data import CatalogError, load_catalog
-    from eclip.data.compose import ComposeConfig, compose_catalog
+def _compose_config(args):
+    """ComposeConfig from the regime preset and the flags given (ValueError on a bad mix)."""
+    from eclip.data.compose import GEOMETRY, regime_config
 
+    overrides = {"scenes_per_product": args.scenes_per_product, "size": args.size, "seed": args.seed, "keep_clean": args.keep_clean}
+    for name in [*GEOMETRY, "banner_probability", "banners", "clutter", "backgrounds", "camera_probability", "people_probability",
+                 "occluder_probability", "max_occlusion"]:
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.product_scale is not None and args.product_area is None:
+        overrides["product_area"] = None  # the side range replaces the preset's area range
+    if args.no_overlays:
+        overrides.update(banner_probability=0.0, clutter=(0, 0))
+    given = [f"--{n.replace('_', '-')}" for n in GEOMETRY if getattr(args, n) is not None]
+    if args.regime == "mixed" and given:
+        raise ValueError(f"{', '.join(given)} set one regime's geometry; --regime mixed draws the presets' geometry per scene")
+    return regime_config(args.regime, **overrides)
+
+
+def _compose(args) -> int:
+    import os
+
+    from eclip.data import CatalogError, load_catalog
+    from eclip.data.compose import available_cores, compose_catalog, merge_parts
+
+    if args.merge:
+        try:
+            catalog = merge_parts(args.out, args.world_size)
+        except ValueError as error:
+            print(f"eclip compose --merge: {error}", file=sys.stderr)
+            return 1
+        print(f"merged: {catalog}")
+        return 0
+    if not args.catalog:
+        print("eclip compose: --catalog is required (or --merge to join the parts in --out)", file=sys.stderr)
+        return 2
+    # torchrun (or any launcher) sets RANK and WORLD_SIZE: each rank composes its share
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
+    world_size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    workers = args.workers or max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     try:
+        config = _compose_config(args)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"--rank {rank} is not in [0, --world-size {world_size})")
+        if workers < 1:
+            raise ValueError(f"--workers {workers} must be >= 1")
         products, _ = load_catalog(args.catalog)
-    except CatalogError as error:
+    except (CatalogError, ValueError) as error:
         print(f"eclip compose: {error}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(error, CatalogError) else 2
     if args.limit is not None:
         products = products[: args.limit]
-    config = ComposeConfig(scenes_per_product=args.scenes_per_product, size=args.size, seed=args.seed, keep_clean=args.keep_clean)
-    result = compose_catalog(products, args.out, config, progress=not args.no_progress)
-    print(f"{result.scenes} scenes of {result.products} products in {result.seconds:.1f} s ({result.scenes_per_second:.0f} scenes/s): {result.catalog}")
+    result = compose_catalog(products, args.out, config, progress=not args.no_progress, workers=workers, rank=rank,
+                             world_size=world_size, cache_mb=args.cache_mb)
+    cores = f", {result.scenes_per_second / result.workers:.0f} per worker" if result.workers > 1 else ""
+    print(f"{result.scenes} scenes of {result.products} products in {result.seconds:.1f} s "
+          f"({result.scenes_per_second:.0f} scenes/s on {result.workers} workers{cores}): {result.catalog}")
+    if world_size > 1:
+        print(f"whole catalog: {result.merged}" if result.merged else f"rank {rank} of {world_size} done; the last rank merges the parts")
     if result.unreadable:
         print(f"{result.unreadable} products skipped: their photo does not decode", file=sys.stderr)
     return 0
+
+
+def _range(kind):
+    """argparse type: 'LOW,HIGH' (or one value for both) -> (low, high)."""
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH ({kind.__name__}s)") from None
+        if len(values) == 1:
+            values *= 2
+        if len(values) != 2 or values[0] > values[1]:
+            raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH with LOW <= HIGH")
+        return tuple(values)
+    parse.__name__ = f"{kind.__name__} range"
+    return parse
+
+
+def _backgrounds(text: str) -> tuple[str, ...]:
+    """argparse type: background kinds, comma-separated; classic, textures, photos, all name groups."""
+    from eclip.data.compose import (
+        BACKGROUNDS,
+        CLASSIC_BACKGROUNDS,
+        PHOTO_BACKGROUNDS,
+        TEXTURE_BACKGROUNDS,
+    )
+
+    groups = {"classic": CLASSIC_BACKGROUNDS, "textures": TEXTURE_BACKGROUNDS, "photos": PHOTO_BACKGROUNDS, "all": BACKGROUNDS}
+    kinds: list[str] = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name not in groups and name not in BACKGROUNDS:
+            raise argparse.ArgumentTypeError(f"unknown background {name!r}; known: {', '.join([*BACKGROUNDS, *groups])}")
+        kinds += [k for k in groups.get(name, (name,)) if k not in kinds]
+    if not kinds:
+        raise argparse.ArgumentTypeError("no background kind given")
+    return tuple(kinds)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
+    return value
 
 
 def _eval_scenes(args) -> int:
@@ -272,13 +364,39 @@ def build_parser() -> argparse.ArgumentParser:
     fc.set_defaults(func=_from_csv)
 
     co = sub.add_parser("compose", help="cluttered multi-product scenes with true boxes from a catalog of clean product photos")
-    co.add_argument("--catalog", required=True, help="catalog of clean photos on a white background (first image of each product)")
+    co.add_argument("--catalog", help="catalog of clean photos on a white background (first image of each product)")
     co.add_argument("--out", required=True, help="folder: images/, catalog.jsonl (K scenes per product, boxes), compose.json")
     co.add_argument("--scenes-per-product", type=int, default=3)
     co.add_argument("--size", type=int, default=224, help="scene side in pixels")
     co.add_argument("--seed", type=int, default=0)
     co.add_argument("--keep-clean", action="store_true", help="also list each product's clean photo (for training; not for scene evaluation)")
     co.add_argument("--limit", type=int, default=None, help="the first N products only")
+    co.add_argument("--workers", type=int, default=None, help="processes (default: all cores, divided by torchrun's LOCAL_WORLD_SIZE)")
+    co.add_argument("--rank", type=int, default=None, help="compose this share of the products (default: $RANK, else 0)")
+    co.add_argument("--world-size", type=int, default=None, help="shares in all (default: $WORLD_SIZE, else 1); parts merge into catalog.jsonl")
+    co.add_argument("--merge", action="store_true", help="only join catalog.part-R-of-W.jsonl in --out into catalog.jsonl")
+    co.add_argument("--cache-mb", type=float, default=1024, help="memory for cut-outs, all workers together")
+    scene = co.add_argument_group("scene regime (flags override the regime's preset)")
+    scene.add_argument("--regime", choices=["large", "medium", "small", "mixed"], default="large",
+                       help="large: product 40-75%% of the side, 1-5 distractors (the default); medium: 12-30%% of the area; "
+                            "small: 2-15%% of the area among 2-4 larger distractors; mixed: one of them per scene")
+    scene.add_argument("--product-scale", type=_range(float), default=None, metavar="LOW,HIGH", help="product's longer side / scene side")
+    scene.add_argument("--product-area", type=_range(float), default=None, metavar="LOW,HIGH", help="product's box area / scene area (replaces --product-scale)")
+    scene.add_argument("--distractors", type=_range(int), default=None, metavar="LOW,HIGH", help="distractor products per scene")
+    scene.add_argument("--distractor-scale", type=_range(float), default=None, metavar="LOW,HIGH", help="a distractor's longer side / scene side")
+    scene.add_argument("--occluder-probability", type=_probability, default=None, metavar="P", help="one distractor in front of the product (0.4)")
+    scene.add_argument("--max-occlusion", type=_probability, default=None, metavar="P", help="most of the product's pixels hidden (0.3)")
+    scene.add_argument("--banner-probability", type=_probability, default=None, metavar="P", help="promo banners in a scene (0.6)")
+    scene.add_argument("--banners", type=_range(int), default=None, metavar="LOW,HIGH", help="promo words when there are any (1,2)")
+    scene.add_argument("--clutter", type=_range(int), default=None, metavar="LOW,HIGH", help="lines and confetti (0,4)")
+    scene.add_argument("--no-overlays", action="store_true", help="no banners, no clutter")
+    scene.add_argument("--backgrounds", type=_backgrounds, default=None, metavar="KINDS",
+                       help="comma-separated: solid, gradient, blotches, stripes, tiles (= classic, the default), noise, fabric, wood "
+                            "(= textures), photo, mosaic (= photos: blurred crops of catalog photos), or all")
+    scene.add_argument("--camera", dest="camera_probability", type=_probability, default=None, metavar="P",
+                       help="probability of sensor noise, blur and JPEG artefacts on the whole scene (0)")
+    scene.add_argument("--people", dest="people_probability", type=_probability, default=None, metavar="P",
+                       help="probability of one more distractor: a catalog photo that shows a person (0)")
     co.add_argument("--no-progress", action="store_true")
     co.set_defaults(func=_compose)
 
