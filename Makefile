@@ -29,10 +29,10 @@ browser:
 
 test: setup browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
-	$(BIN)/ruff check src tests $(wildcard benchmarks tools)
+	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
 
 lint: setup
-	$(BIN)/ruff check src tests $(wildcard benchmarks tools)
+	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

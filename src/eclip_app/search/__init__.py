@@ -1,4 +1,4 @@
-"""Product search (issue 5): embed a catalog to Parquet, index it with FAISS, query it.
+"""Product search: embed a catalog to Parquet, index it with FAISS, query it.
 
     from eclip_app.search import Searcher
     searcher = Searcher.load("runs/demo/eclip/model", "runs/index")

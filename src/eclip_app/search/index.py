@@ -1,46 +1,9 @@
 """A FAISS index of products, addressed by string product id.
 
-Design (issue 5):
-
-- **Inner product over L2-normalised vectors** (= cosine). Every vector given to `build`, `add`
-  or `search` is normalised here, so callers cannot mix conventions.
-- **One vector per image, results per product.** A product with several listing photos keeps
-  one vector per photo; a query scores a product by its best-matching photo (max over its
-  images) and the result lists distinct products. Averaging the photos into one vector would
-  blur views that differ (front / back / on a model); max keeps each view findable, and the
-  matched photo is returned with the hit (the CLI grounds the query in that photo). To return k
-  distinct products the index over-fetches vectors and widens the fetch until k distinct live
-  products are found, so on the exact index the product ranking is exact.
-- **Kinds** (`choose_kind`, the rule applied by `kind="auto"`):
-    1. fewer than 50,000 vectors and they fit the budget: `flat` (IndexFlatIP). Exact; a scan
-       of 50k 512-d vectors costs about 5 ms per query on 2 cores, so approximation buys
-       little below that.
-    2. else, if the vectors plus the HNSW graph fit the memory budget (default 4 GiB, about
-       1.8M 512-d vectors): `hnsw`
-       (IndexHNSWFlat, METRIC_INNER_PRODUCT, M=32, efConstruction=80, efSearch=128): 0.41 ms
-       median, 0.76 ms p95 per query at recall@10 0.96 on 1M clustered 512-d vectors, 2 cores
-       (benchmarks/search.py, BENCHMARKS.md); the 1M build takes about 8 minutes there.
-    3. else `ivfpq` (IndexIVFPQ): product-quantised codes (m bytes per vector, m the largest of
-       128/64/32/16/... that divides the dimension and fits), about 2 sqrt(n) lists, nprobe 32.
-       Lossy (recall@10 about 0.8 at 128 bytes for 512-d, scores approximate) and slow to
-       train (minutes): the one that fits a tight budget, not a first choice.
-  The memory estimates are in `estimate_bytes`. The kind is chosen at build time from the
-  build size; `add` never changes it (rebuild to re-choose).
-- **Ids.** Each vector gets an int64 id of our own (a counter) and the id -> product map lives
-  here, not in FAISS: flat is wrapped in IndexIDMap, IVF-PQ takes ids natively, and for HNSW
-  the id *is* the insertion position (HNSW never renumbers). Updating a product = remove its
-  old vectors + add the new ones; no rebuild.
-- **Deletes.** Flat and IVF-PQ remove vectors for real (`remove_ids`). HNSW cannot remove from
-  its graph: removed vectors stay in FAISS as tombstones (their ids no longer map to a product,
-  results are filtered and the fetch widened to make up for them). When tombstones exceed half
-  of the graph, the index is rebuilt from the live vectors (HNSW keeps full vectors, so this is
-  lossless) - lazily, on the remove that crosses the threshold.
-- **Threads.** Searches run concurrently (FAISS reads are thread-safe); add / remove / compact
-  take a write lock and wait for running searches (a readers-writer lock).
-- **Files** (`save`, atomic: a temporary folder renamed into place; nothing is pickled):
-  `index.faiss` (faiss.write_index), `vectors.parquet` (id, product_id, image_path of every
-  live vector), `products.parquet` (product_id, metadata as JSON), `index.json` (kind, dim,
-  parameters, provenance).
+Inner product over L2-normalised vectors, one vector per image, results per distinct product
+(a product scores by its best photo). `kind="auto"` picks flat, HNSW or IVF-PQ from the size
+and the memory budget (`choose_kind`); products are added and removed by id without a rebuild;
+saved atomically without pickle. The design and its reasons: docs/search.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,25 @@
-"""Which readout should a trained ECLIP serve? (`ModelConfig.readout`, issues 2 and 3)
+"""Which readout should a trained ECLIP serve? (`ModelConfig.readout`)
 
 Loads trained models and evaluates each with every readout through the library's own evaluation
 (`eclip.evaluation.evaluate`, and `eclip.scene_eval.evaluate_scenes` where scenes are given), on
 a sample of TRAINING products only: the held-out split must not choose the readout.
 
 - instance: productness-weighted instances as the product embedding, text-guided instance
-  selection as the image-text score (DESIGN.md);
+  selection as the image-text score (the paper's reading);
 - global: the global head for both (what the CLIP baseline reads);
 - mix: the two unit vectors summed (product embedding) and the two scores averaged.
 
 ShopSynth (the demo's models; catalog images are listing photos with the true box):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/readout_study.py \\
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/studies/readout_study.py \\
         --model eclip=runs/demo/eclip/model --model clip=runs/demo/clip/model \\
         --catalog runs/demo/data/train.jsonl --products 500
 
-Myntra (benchmarks/real_catalog.py's models; each training product holds its composed scenes and, last,
+Myntra (experiments/real_catalog/real_catalog.py's models; each training product holds its composed scenes and, last,
 its clean photo): zero-shot and text retrieval on the clean photos, scene-to-catalog retrieval
 and grounding on the scenes:
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/readout_study.py \\
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/studies/readout_study.py \\
         --model eclip=runs/bench_myntra/eclip/model --model clip=runs/bench_myntra/clip/model \\
         --catalog runs/bench_myntra/train_scenes/catalog.jsonl --scenes --products 300
 """
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, required=True, help="a TRAINING catalog")
     parser.add_argument("--products", type=int, default=500, help="training products sampled")
     parser.add_argument("--scenes", action="store_true",
-                        help="products hold scenes then their clean photo (benchmarks/real_catalog.py's train_scenes)")
+                        help="products hold scenes then their clean photo (experiments/real_catalog/real_catalog.py's train_scenes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

@@ -1,11 +1,10 @@
-"""Real data (issue 3): ECLIP against the CLIP baseline on the Myntra sample, held-out products.
+"""Real data: ECLIP against the CLIP baseline on the Myntra sample, held-out products.
 
-    python benchmarks/real_catalog.py --threads 2  # the full run (about 50 min on the project's 2-core CPU;
-                                             # each fine-tuning arm with its evaluations about 22 min)
-    python benchmarks/real_catalog.py --quick    # a smoke test: ~100 products, a few steps, about a minute
+    python experiments/real_catalog/real_catalog.py --threads 2  # the full run (docs/results.md)
+    python experiments/real_catalog/real_catalog.py --quick      # a smoke test: ~100 products, a few steps
 
 1. `styles.csv` -> catalog (`eclip.data.csv_import`, category = subCategory, attributes
-   baseColour, gender, usage), read in place from `--data` (default ../shared/data/myntra).
+   baseColour, gender, usage), read in place from `--data` (default: `shared/data/myntra` beside the repository).
 2. Split by product id (seeded shuffle): `--heldout-products` held out, `--train-products` for
    training, disjoint.
 3. Compose K cluttered scenes per product with true boxes (`eclip.data.compose`), separately
@@ -68,7 +67,8 @@ from eclip_app.train import make_train_config, train  # noqa: E402
 
 logger = logging.getLogger("eclip.bench.myntra")
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "myntra"
+# The repository sits beside a `shared/` folder: experiments/real_catalog/ -> repo -> its parent.
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "myntra"
 
 # (column title, results key); None = not measured for that row
 COLUMNS = [
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("eclip.data").setLevel(logging.WARNING)  # per-line catalog chatter
     data = Path(args.data)
     if not (data / "styles.csv").is_file() or not (data / "images").is_dir():
-        print(f"benchmarks/real_catalog.py: no Myntra data at {data} (styles.csv and images/ expected); skipping.")
+        print(f"experiments/real_catalog/real_catalog.py: no Myntra data at {data} (styles.csv and images/ expected); skipping.")
         return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not set(arms) <= {"clip", "eclip"}:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         del result
 
     timings["total_s"] = round(time.time() - begin, 1)
-    command = "python benchmarks/real_catalog.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python experiments/real_catalog/real_catalog.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {
         "command": command.strip(),
         "machine": machine(),

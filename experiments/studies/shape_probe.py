@@ -1,4 +1,4 @@
-"""Can a vision tower learn the product's category at all in a few hundred steps? (issue 2)
+"""Can a vision tower learn the product's category at all in a few hundred steps?
 
 With the ViT (`tiny`, the demo's tower until 2026-11-27) neither ECLIP nor the CLIP baseline
 learned the ShopSynth category (the drawn shape): zero-shot and linear-probe category accuracy
@@ -9,8 +9,8 @@ accuracy on the other products as it goes. If even direct supervision needs hund
 to leave chance, a title-driven objective in which the category is one word among many
 (colour, pattern, brand, promo words) cannot be expected to teach it in 900.
 
-    .venv/bin/python tools/shape_probe.py --catalog runs/demo/data/train.jsonl --steps 600 --lr 1e-3
-    .venv/bin/python tools/shape_probe.py --catalog runs/demo/data/train.jsonl --lr 2e-3 --set vision.kind=convnet
+    .venv/bin/python experiments/studies/shape_probe.py --catalog runs/demo/data/train.jsonl --steps 600 --lr 1e-3
+    .venv/bin/python experiments/studies/shape_probe.py --catalog runs/demo/data/train.jsonl --lr 2e-3 --set vision.kind=convnet
 
 Only training products are used (the last `--val-products` of the catalog are the probe's
 validation set), so the demo's held-out split stays unread.

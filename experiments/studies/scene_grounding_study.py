@@ -1,10 +1,10 @@
-"""Which map grounds the product in a composed scene, for one trained model (issue 3).
+"""Which map grounds the product in a composed scene, for one trained model.
 
 Reads a scene catalog (e.g. the Myntra benchmark's *validation* scenes, never the held-out
 ones) and, for every scene, boxes several maps of the model with several box rules against the
 scene's true box. Nothing is retrained.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/scene_grounding_study.py \
+    HF_HUB_OFFLINE=1 .venv/bin/python experiments/studies/scene_grounding_study.py \
         --model runs/bench_myntra_tokens/eclip/model --scenes runs/bench_myntra/validation_scenes/catalog.jsonl
 
 Maps (each over the token grid, for image i and its title t):

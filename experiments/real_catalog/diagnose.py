@@ -1,6 +1,6 @@
-"""Train-split diagnostics for `benchmarks/real_catalog.py`: which ECLIP embedding carries the product?
+"""Train-split diagnostics for `experiments/real_catalog/real_catalog.py`: which ECLIP embedding carries the product?
 
-Reads the models that `benchmarks/real_catalog.py` trained (WORK/clip/model, WORK/eclip/model) and the
+Reads the models that `experiments/real_catalog/real_catalog.py` trained (WORK/clip/model, WORK/eclip/model) and the
 training products' scenes (WORK/train_scenes); never the held-out split. For the first N training
 products, each scene queries the clean photos of those N products (scene-to-catalog mAP@10, R@1)
 with several image embeddings of the same model:
@@ -16,7 +16,7 @@ with several image embeddings of the same model:
 Also: how often productness picks the query the title selects, the productness distribution's
 entropy, and the pointing game of the title-selected query's attention against the true box.
 
-    python benchmarks/real_catalog_diagnose.py --work runs/bench_myntra --products 300
+    python experiments/real_catalog/diagnose.py --work runs/bench_myntra --products 300
 """
 
 from __future__ import annotations

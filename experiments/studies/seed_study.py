@@ -1,11 +1,11 @@
-"""How much of an ECLIP-vs-CLIP difference is the training seed? (issue 2)
+"""How much of an ECLIP-vs-CLIP difference is the training seed?
 
 Evaluates models trained on the same catalog with different training seeds (initial weights and
 batch order; `eclip train --set seed=N`) with the demo's protocol (`eclip.evaluation.evaluate`
 on the held-out catalog) and prints each run and the mean and spread per arm and readout. Nothing
 is chosen from these numbers: the protocol, the readouts and the box rules were fixed before.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python tools/seed_study.py --catalog runs/demo/data/heldout.jsonl \\
+    HF_HUB_OFFLINE=1 .venv/bin/python -m experiments.studies.seed_study --catalog runs/demo/data/heldout.jsonl \\
         --model eclip@0=runs/demo/eclip/model --model eclip@1=runs/seeds/eclip_seed1/model \\
         --model clip@0=runs/demo/clip/model --model clip@1=runs/seeds/clip_seed1/model
 """
@@ -16,16 +16,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).parent))  # tools/ is not a package
 
 import torch  # noqa: E402
-from readout_study import evaluate_readouts, markdown_table  # noqa: E402
 
 from eclip.data import load_catalog  # noqa: E402
+from experiments.studies.readout_study import evaluate_readouts, markdown_table  # noqa: E402
 
 COLUMNS = [
     ("same-product mAP@R", "same_product_map_r"),

@@ -1,4 +1,4 @@
-"""What same-product retrieval can reach from visible attributes alone (issue 2).
+"""What same-product retrieval can reach from visible attributes alone.
 
 An embedding that knew only some of a ShopSynth product's visible attributes (colour, pattern,
 secondary colour, category) would rank every image that agrees on them first, in no particular
@@ -7,7 +7,7 @@ the demo's protocol (`eclip.evaluation.ranks_metrics`: each image against all ot
 ties broken at random. It reads no model, so it places the trained models' numbers: which
 attributes their embeddings must hold to score what they score.
 
-    .venv/bin/python tools/attribute_ceiling.py --catalog runs/demo/data/heldout.jsonl
+    .venv/bin/python experiments/studies/attribute_ceiling.py --catalog runs/demo/data/heldout.jsonl
 """
 
 from __future__ import annotations
