@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eclip.config import model_preset
+from eclip.presets import model_preset
 from eclip.data import ShopSynthConfig, generate, load_catalog
 from eclip.data.catalog import Product
 from eclip.data.compose import ComposeConfig, compose_catalog
