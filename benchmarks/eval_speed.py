@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eclip.presets import model_preset
 from eclip.data import ShopSynthConfig, generate, load_catalog
 from eclip.data.catalog import Product
 from eclip.data.compose import ComposeConfig, compose_catalog
@@ -30,6 +29,7 @@ from eclip.data.transforms import normalize
 from eclip.evaluation import grounding_metrics, point_in_box, ranks_metrics
 from eclip.model.eclip import ECLIP
 from eclip.model.grounding import box_iou, peak_point
+from eclip.presets import model_preset
 from eclip.scene_eval import evaluate_scenes
 
 
