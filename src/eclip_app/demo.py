@@ -31,9 +31,8 @@ class DemoSize:
     warmup: int
 
 
-# The demo's towers: the ConvNeXt-style vision tower learns a ShopSynth product's shape far
-# sooner than the ViT (tools/shape_probe.py) and trains about twice as fast on a CPU, so twice
-# the steps fit the same 15 minutes (README, "What the demo prints").
+# The demo's towers: the ConvNeXt-style vision tower learns a ShopSynth product's shape sooner
+# than the ViT and trains faster on a CPU (docs/results.md, "How the demo got here").
 DEMO_PRESET = "tiny-convnet"
 SIZES = {
     "full": DemoSize(products=4000, steps=1800, warmup=60),
