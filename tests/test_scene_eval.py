@@ -1,6 +1,7 @@
 """Scene-to-catalog evaluation: one pass equals the former two passes, oracles score 1, hinted
 retrieval, grouped metrics and their table."""
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):  # noqa: F
         return ImageEncoding(onehot, None, None, masks, images.flatten(2).transpose(1, 2), (size, size))
 
     monkeypatch.setattr(model, "encode_image", encode_image)
-    monkeypatch.setattr(model, "heatmaps_from", lambda encoding, texts: (encoding.attention[:, 0], None))
+    monkeypatch.setattr(model, "heatmaps_from", lambda encoding, texts, grounding_map=None: (encoding.attention[:, 0], None))
     results = evaluate_scenes(model, scene_products + extra, catalog_products, batch_size=4, progress=False)
     assert results["scene_to_catalog_map10"] == 1.0 and results["scene_to_catalog_r1"] == 1.0
     assert results["scene_grounding_acc50"] == 1.0 and results["scene_grounding_pointing"] == 1.0
@@ -113,7 +114,8 @@ def test_groups_partition_the_scenes(scenes, clean_catalog):  # noqa: F811
     table = scene_table(results, "area")
     assert table.splitlines()[0].startswith("| area | all | ")
     assert "| scenes | 18 |" in table and "scene_to_catalog_hinted_map10" in table
-    assert scene_table(results, "regime") == ""  # no regime in these scenes
+    # the composer records each scene's regime: these were all made with the default, large
+    assert scene_table(results, "regime").splitlines()[0] == "| regime | all | large |"
 
 
 def test_hinted_retrieval_uses_the_category_not_the_title(scenes, clean_catalog, monkeypatch):  # noqa: F811
@@ -139,13 +141,13 @@ def test_image_text_query_weights_and_selection():
     with torch.no_grad():
         encoding = model.encode_image(torch.randn(3, 3, 32, 32))
         texts = model.encode_text(["a red tee", "a shoe", "a bag"])
-    query = image_text_query(encoding, texts, model.config, text_weight=1.0)
+    query = image_text_query(model, encoding, texts, text_weight=1.0)
     assert torch.allclose(query, texts, atol=1e-6)  # all text
-    image_only = image_text_query(encoding, texts, model.config, text_weight=0.0, readout="global")
+    image_only = image_text_query(model, encoding, texts, text_weight=0.0, readout="global")
     assert torch.allclose(image_only, encoding.global_embedding, atol=1e-6)
-    assert torch.allclose(image_text_query(encoding, texts, model.config, field="global").norm(dim=-1), torch.ones(3))
+    assert torch.allclose(image_text_query(model, encoding, texts, field="global").norm(dim=-1), torch.ones(3))
     with pytest.raises(ValueError, match="text_weight"):
-        image_text_query(encoding, texts, model.config, text_weight=1.5)
+        image_text_query(model, encoding, texts, text_weight=1.5)
 
 
 def test_scene_groups_and_bucket_names():
@@ -174,23 +176,17 @@ def test_catalog_keeps_an_entry_s_other_fields(scenes):  # noqa: F811
     assert set(meta) >= {"full_box", "occlusion", "distractors"} and "path" not in meta and "box" not in meta
 
 
-def test_readout_and_grounding_map_pass_through(synth_catalog, monkeypatch):
-    products, _ = load_catalog(synth_catalog["heldout"])
+def test_readout_and_grounding_map_arguments_read_the_model_that_way(synth_catalog):
+    """evaluate(readout=, grounding_map=) equals evaluating a model configured that way, and
+    differs from the model's own reading."""
+    products = load_catalog(synth_catalog["heldout"])[0][:6]
+    torch.manual_seed(0)
     model = ECLIP(micro_config())
-    seen = {}
-    for name in ("product_embedding_from", "image_text_scores", "heatmaps_from"):
-        method = getattr(model, name)
-
-        def spy(*args, _method=method, _name=name, **kwargs):
-            seen.setdefault(_name, set()).update(kwargs.items())
-            return _method(*args)
-
-        monkeypatch.setattr(model, name, spy)
-    evaluate(model, products[:6], progress=False)
-    assert seen and all(not kwargs for kwargs in seen.values())  # nothing passed unless asked
-    evaluate(model, products[:6], progress=False, readout="global", grounding_map="attention")
-    assert ("readout", "global") in seen["product_embedding_from"] and ("readout", "global") in seen["image_text_scores"]
-    assert ("grounding_map", "attention") in seen["heatmaps_from"]
+    own = evaluate(model, products, progress=False)
+    asked = evaluate(model, products, progress=False, readout="global", grounding_map="similarity")
+    assert asked != own
+    model.config = dataclasses.replace(model.config, readout="global", grounding_map="similarity")
+    assert evaluate(model, products, progress=False) == asked
 
 
 def test_evaluate_grounding_matches_model_ground(synth_catalog):

@@ -10,32 +10,27 @@ the two cosines.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
-from .model.eclip import ImageEncoding, text_guided_embedding
+from .model.inference import ImageEncoding, Inference
 
 
 def image_text_query(
+    model: Inference,
     encoding: ImageEncoding,
     texts: torch.Tensor,  # (B, D) unit vectors: text i goes with image i
-    config: ModelConfig,
     text_weight: float = 0.5,
     field: str = "product",
     readout: str | None = None,
 ) -> torch.Tensor:
     """(B, D) unit query vectors for image i plus text i. field="global" (an index of global
     embeddings) takes the global embedding as the image side; readout, when given, reads the
-    decoder as that instead of `config.readout`."""
+    decoder as that instead of the model's config. `model`: ECLIP or the ONNX encoder."""
     if not 0.0 <= text_weight <= 1.0:
         raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
     if field == "global":
         image_vec = encoding.global_embedding
     else:
-        if readout is not None:
-            config = dataclasses.replace(config, readout=readout)
-        image_vec = text_guided_embedding(encoding, texts, config)
+        image_vec = model.text_guided_embedding(encoding, texts, readout)
     return F.normalize((1 - text_weight) * image_vec + text_weight * texts, dim=-1)

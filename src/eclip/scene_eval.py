@@ -162,7 +162,7 @@ def evaluate_scenes(
         hinted = [k for k, (p, _) in enumerate(chunk) if scene_products[p].category in hints]
         if hinted:
             texts = torch.stack([hints[scene_products[chunk[k][0]].category] for k in hinted])
-            query = image_text_query(_rows(encoding, hinted), texts, model.config, hint_weight, readout=readout)
+            query = image_text_query(model, _rows(encoding, hinted), texts, hint_weight, readout=readout)
             hinted_emb.append(query.float().cpu())
         chunk_boxes = boxes[offset : offset + len(chunk)]
         if ground:

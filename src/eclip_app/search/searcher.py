@@ -93,7 +93,7 @@ class Searcher:
         """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
         encoding = self.model.encode_image(self._pixels([image]))
         text_vec = self.model.encode_text([text])  # (1, D)
-        query = image_text_query(encoding, text_vec, self.model.config, text_weight, self.field)
+        query = image_text_query(self.model, encoding, text_vec, text_weight, self.field)
         return query[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------ search
