@@ -74,7 +74,7 @@ def model_config(name: str, image_size: int, context: int, decoder: bool) -> Mod
     return ModelConfig(
         vision=VisionConfig(kind="open_clip", model_name=name, image_size=image_size),
         text=TextConfig(kind="open_clip", model_name=name, context_length=context),
-        # the decoder of the `base` preset (DESIGN.md: 16 queries, 6 layers), at the text width
+        # the decoder of the `base` preset (16 queries, 6 layers), at the text width
         decoder=DecoderConfig(num_queries=16, depth=6, width=cfg["text_cfg"]["width"], heads=8) if decoder else None,
         embed_dim=cfg["embed_dim"],
     )

@@ -9,7 +9,7 @@ from eclip.data import CatalogError, load_catalog
 from eclip.data.csv_import import csv_to_catalog
 from eclip_app.cli import main
 
-# the sample lives beside the repository (../shared/data/myntra); ECLIP_MYNTRA points elsewhere
+# the Myntra sample is read where it lies (a shared/ folder beside the checkout); ECLIP_MYNTRA points elsewhere
 MYNTRA = Path(os.environ.get("ECLIP_MYNTRA", Path(__file__).resolve().parents[2] / "shared" / "data" / "myntra"))
 
 # line 1 is the header; every bad row's reason is in its title or id

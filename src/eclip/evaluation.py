@@ -1,4 +1,4 @@
-"""Zero-shot evaluation on held-out products (DESIGN.md, Downstream tasks and metrics).
+"""Zero-shot evaluation on held-out products (docs/design.md, "Downstream tasks and metrics").
 
 One pass over the held-out images computes everything: category classification from
 prompt-ensembled label texts, text-to-product retrieval from the titles, same-product retrieval
@@ -167,7 +167,7 @@ def linear_probe(
     groups: np.ndarray,  # (N,) product index: a product's images never straddle the two halves
     seed: int = 0,
 ) -> float:
-    """DESIGN.md's linear probe: accuracy of a logistic regression on frozen features, 2-fold by
+    """The linear probe (docs/design.md): accuracy of a logistic regression on frozen features, 2-fold by
     product (fit on one half of the products, test on the other, then swapped; the two
     accuracies averaged). Unlike zero-shot classification it needs no text: it says whether the
     image embedding holds the label at all."""

@@ -1,4 +1,4 @@
-"""Scene-to-catalog evaluation (DESIGN.md, Downstream tasks and metrics), Product1M-style.
+"""Scene-to-catalog evaluation (docs/design.md, "Downstream tasks and metrics"), Product1M-style.
 
 Each scene (a cluttered image holding the product, e.g. from `eclip compose`) is a query; the
 gallery is the clean catalog images of all the products under evaluation. A hit is a gallery
