@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from eclip.config import override  # noqa: E402
 from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
-from eclip.data.compose import ComposeConfig, compose_catalog  # noqa: E402
+from eclip.data.compose import ComposeConfig, available_cores, compose_catalog  # noqa: E402
 from eclip.data.csv_import import csv_to_catalog  # noqa: E402
 from eclip.evaluation import evaluate  # noqa: E402
 from eclip.io import load_model  # noqa: E402
@@ -184,7 +184,7 @@ def compose_once(products: list[Product], out: Path, config: ComposeConfig, prog
     if stamp_file.is_file() and stamp_file.read_text() == stamp and (out / "catalog.jsonl").is_file():
         logger.info("reusing the scenes in %s", out)
         return out / "catalog.jsonl", 0.0
-    result = compose_catalog(products, out, config, progress=progress)
+    result = compose_catalog(products, out, config, progress=progress, workers=available_cores())
     stamp_file.write_text(stamp)
     logger.info("composed %d scenes of %d products in %.1f s (%d empty cut-outs)", result.scenes, result.products, result.seconds, result.empty_masks)
     return result.catalog, result.seconds

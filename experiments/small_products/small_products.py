@@ -1,0 +1,262 @@
+"""Small products in busy listings: ECLIP against the CLIP baseline by the product's size.
+
+    python -m experiments.small_products.small_products --threads 2     # the run
+    python -m experiments.small_products.small_products --quick         # a smoke test
+
+The Myntra sample (`--data`) split by product as `experiments/real_catalog` splits it
+(training, held-out, validation: disjoint). Training products get `--train-regime` scenes
+(default `mixed`: each scene draws the large, medium or small geometry) plus their clean photo;
+validation and held-out products get scenes of each `--eval-regimes` regime (default `small`
+and `large`), composed on their own, with every backdrop kind, camera artefacts and people
+among the distractors. Both arms fine-tune `eclip-lite` from the same initial weights on the
+same batches through `eclip_app.train.train` with the locked-tower feature cache.
+
+Choices are made on validation products only: for each arm, the box rule of its grounding map
+is the one with the best Acc@IoU0.5 averaged over the regimes' validation scenes
+(`--box-rules`); held-out products are read once, with that rule. Reported per regime:
+scene-to-catalog retrieval text-free and hinted with the category ("a photo of {category}"),
+grounding from the title, and zero-shot classification on the clean photos. Writes
+`--work/results.json` and prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the towers come from installed packages
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from eclip.config import BoxRule  # noqa: E402
+from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
+from eclip.data.compose import BACKGROUNDS, regime_config  # noqa: E402
+from eclip.data.csv_import import csv_to_catalog  # noqa: E402
+from eclip.data.transforms import normalize  # noqa: E402
+from eclip.evaluation import evaluate  # noqa: E402
+from eclip.model import ECLIP  # noqa: E402
+from eclip.model.grounding import box_by_rule, box_iou, upsample_heatmap  # noqa: E402
+from eclip.scene_eval import evaluate_scenes, scene_table  # noqa: E402
+from eclip_app.train import train  # noqa: E402
+from experiments.real_catalog.real_catalog import (  # noqa: E402
+    DEFAULT_DATA,
+    build_config,
+    compose_once,
+    losses_line,
+    machine,
+    split_by_product,
+    write_catalog,
+)
+
+logger = logging.getLogger("eclip.experiments.small")
+
+# candidate box rules: relative to the map's mean (peaked maps) or its maximum (any map)
+BOX_RULES = {
+    "mean x1": BoxRule("mean", 1.0, "largest"),
+    "mean x1.5": BoxRule("mean", 1.5, "largest"),
+    "mean x2": BoxRule("mean", 2.0, "largest"),
+    "mean x3": BoxRule("mean", 3.0, "largest"),
+    "max 0.3": BoxRule("max", 0.3, "largest"),
+    "max 0.5": BoxRule("max", 0.5, "largest"),
+    "max 0.7": BoxRule("max", 0.7, "largest"),
+    "max 0.8 union": BoxRule("max", 0.8, "union"),
+}
+SCENE_COLUMNS = [
+    ("mAP@10", "scene_to_catalog_map10"), ("R@1", "scene_to_catalog_r1"), ("R@10", "scene_to_catalog_r10"),
+    ("hinted mAP@10", "scene_to_catalog_hinted_map10"), ("hinted R@1", "scene_to_catalog_hinted_r1"),
+    ("Acc@IoU0.5", "scene_grounding_acc50"), ("mean IoU", "scene_grounding_mean_iou"),
+    ("pointing", "scene_grounding_pointing"), ("random point", "scene_grounding_pointing_random"),
+]
+CLEAN_COLUMNS = [
+    ("subCategory top-1", "classification_top1"), ("subCategory macro-F1", "classification_macro_f1"),
+    ("linear probe", "linear_probe_category_top1"), ("colour top-1", "attribute_baseColour_top1"),
+    ("text→product R@10", "text_to_product_r10"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--work", default="runs/small_products")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-products", type=int, default=2000)
+    p.add_argument("--heldout-products", type=int, default=1000)
+    p.add_argument("--validation-products", type=int, default=300)
+    p.add_argument("--scenes-per-product", type=int, default=3, help="training scenes per product")
+    p.add_argument("--eval-scenes-per-product", type=int, default=1, help="validation/held-out scenes per product and regime")
+    p.add_argument("--train-regime", default="mixed")
+    p.add_argument("--eval-regimes", default="small,large")
+    p.add_argument("--scene-size", type=int, default=320, help="composed scenes' side in pixels")
+    p.add_argument("--image-size", type=int, default=320, help="model input")
+    p.add_argument("--camera-probability", type=float, default=0.5)
+    p.add_argument("--people-probability", type=float, default=0.3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--products-per-batch", type=int, default=32)
+    p.add_argument("--images-per-product", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tower-lr-scale", type=float, default=0.1)
+    p.add_argument("--unfreeze-vision", type=int, default=2)
+    p.add_argument("--unfreeze-text", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--arms", default="clip,eclip")
+    p.add_argument("--eclip-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--eclip-loss-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-feature-cache", action="store_true", help="run the frozen tower stages every step")
+    p.add_argument("--validation-only", action="store_true", help="leave the held-out products unread")
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        quick = dict(train_products=60, heldout_products=20, validation_products=20, scenes_per_product=2, steps=3,
+                     products_per_batch=8, warmup=1, scene_size=160, image_size=128)
+        for name, value in quick.items():
+            if getattr(args, name) == p.get_default(name):
+                setattr(args, name, value)
+        if args.work == p.get_default("work"):
+            args.work = "runs/small_products_quick"
+    args.regimes = [r.strip() for r in args.eval_regimes.split(",") if r.strip()]
+    return args
+
+
+def compose_set(products: list[Product], out: Path, regime: str, args, scenes: int, keep_clean: bool) -> list[Product]:
+    config = regime_config(
+        regime, scenes_per_product=scenes, size=args.scene_size, seed=args.seed, keep_clean=keep_clean,
+        backgrounds=BACKGROUNDS, camera_probability=args.camera_probability, people_probability=args.people_probability,
+    )
+    catalog, _ = compose_once(products, out, config, not args.no_progress)
+    return load_catalog(catalog)[0]
+
+
+def prepare(args, work: Path) -> dict:
+    data = Path(args.data)
+    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
+                            image_template="images/{id}.jpg", category_column="subCategory",
+                            attribute_columns=["baseColour", "gender", "usage"])
+    logger.info(report.summary())
+    products, _ = load_catalog(work / "catalog.jsonl", check_images=False)
+    train_products, heldout, validation = split_by_product(
+        products, args.train_products, args.heldout_products, args.seed, args.validation_products
+    )
+    t = time.perf_counter()
+    train_scenes = compose_set(train_products, work / "train_scenes", args.train_regime, args, args.scenes_per_product, True)
+    sets = {"validation": load_catalog(write_catalog(validation, work / "validation.jsonl"))[0]}
+    if not args.validation_only:
+        sets["heldout"] = load_catalog(write_catalog(heldout, work / "heldout.jsonl"))[0]
+    scenes = {split: {r: compose_set(clean, work / f"{split}_{r}_scenes", r, args, args.eval_scenes_per_product, False)
+                      for r in args.regimes} for split, clean in sets.items()}
+    logger.info("composed in %.0f s", time.perf_counter() - t)
+    return {"train_catalog": work / "train_scenes" / "catalog.jsonl", "train_scenes": train_scenes, "clean": sets, "scenes": scenes}
+
+
+@torch.no_grad()
+def box_rule_sweep(model: ECLIP, scene_sets: dict[str, list[Product]], batch_size: int) -> dict[str, dict[str, float]]:
+    """Acc@IoU0.5 of each candidate rule on the model's own grounding map, per scene set."""
+    table: dict[str, dict[str, float]] = {}
+    for regime, products in scene_sets.items():
+        slots = [(p, i) for p, product in enumerate(products) for i, image in enumerate(product.images) if image.box is not None]
+        store = ImageStore(products, model.image_size)
+        hits = {name: [] for name in BOX_RULES}
+        for start in range(0, len(slots), batch_size):
+            chunk = slots[start : start + batch_size]
+            images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+            encoding = model.encode_image(images)
+            maps, _ = model.heatmaps_from(encoding, model.encode_text([products[p].title for p, _ in chunk]))
+            for (p, i), heatmap in zip(chunk, upsample_heatmap(maps, tuple(images.shape[-2:])).float().numpy()):
+                box = products[p].images[i].box
+                for name, rule in BOX_RULES.items():
+                    hits[name].append(box_iou(box_by_rule(heatmap, rule), box) >= 0.5)
+        table[regime] = {name: float(np.mean(v)) for name, v in hits.items()}
+    return table
+
+
+def evaluate_split(model: ECLIP, clean: list[Product], scenes: dict[str, list[Product]], args) -> dict:
+    progress = not args.no_progress
+    out = {"clean": evaluate(model, clean, batch_size=args.eval_batch, progress=progress)}
+    for regime, scene_products in scenes.items():
+        out[regime] = evaluate_scenes(model, scene_products, clean, batch_size=args.eval_batch, progress=progress,
+                                      group_by=("area", "distractors"))
+    return out
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def tables(results: dict, split: str, regimes: list[str]) -> str:
+    lines = []
+    for regime in regimes:
+        lines += [f"\n{split}, {regime} scenes", "| arm | " + " | ".join(c for c, _ in SCENE_COLUMNS) + " |",
+                  "|---|" + "---|" * len(SCENE_COLUMNS)]
+        for arm, by_split in results.items():
+            if split in by_split:
+                r = by_split[split][regime]
+                lines.append(f"| {arm} | " + " | ".join(fmt(r.get(k)) for _, k in SCENE_COLUMNS) + " |")
+    lines += [f"\n{split}, clean photos", "| arm | " + " | ".join(c for c, _ in CLEAN_COLUMNS) + " |",
+              "|---|" + "---|" * len(CLEAN_COLUMNS)]
+    for arm, by_split in results.items():
+        if split in by_split:
+            lines.append(f"| {arm} | " + " | ".join(fmt(by_split[split]["clean"].get(k)) for _, k in CLEAN_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("eclip.data").setLevel(logging.WARNING)
+    if not (Path(args.data) / "styles.csv").is_file():
+        print(f"no Myntra data at {args.data}; skipping.")
+        return 0
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare(args, work)
+    store = ImageStore(data["train_scenes"], args.image_size)  # decoded once, shared by both arms
+    results: dict[str, dict] = {}
+    record: dict[str, dict] = {}
+    for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
+        config = build_config(args, arm, data["train_catalog"])
+        if not args.no_feature_cache:
+            config.feature_cache = True
+            config.feature_cache_dir = str(work / "feature_cache")  # the frozen prefix is the same for both arms
+        run = train(config, progress=not args.no_progress, store=store)
+        if run.stopped_by_signal:
+            raise SystemExit(f"{arm}: stopped by a signal; resume with the same command")
+        model = run.model.eval()
+        sweep = box_rule_sweep(model, data["scenes"]["validation"], args.eval_batch)
+        best = max(BOX_RULES, key=lambda name: np.mean([sweep[r][name] for r in sweep]))
+        model.config = dataclasses.replace(model.config, box=BOX_RULES[best])
+        results[arm] = {split: evaluate_split(model, data["clean"][split], data["scenes"][split], args) for split in data["clean"]}
+        record[arm] = {"train_seconds": round(run.seconds, 1), "losses": losses_line(run.history), "box_rule_sweep": sweep,
+                       "box_rule": best, "grounding_map": model.config.effective_grounding_map,
+                       "samples_per_s": round(config.steps * config.products_per_batch * config.images_per_product / run.seconds, 2)}
+        logger.info("%s: trained in %.0f s, box rule %s", arm, run.seconds, best)
+    command = "python -m experiments.small_products.small_products " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = {"command": command.strip(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "args": vars(args),
+           "results": results, "runs": record}
+    (work / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    for split in data["clean"]:
+        print(tables(results, split, args.regimes))
+    for arm, by_split in results.items():
+        for split, by_regime in by_split.items():
+            for regime in args.regimes:
+                print(f"\n{arm}, {split}, {regime}, by product area\n" + scene_table(by_regime[regime], "area"))
+    for arm, entry in record.items():
+        print(f"\n{arm}: box rule {entry['box_rule']} ({entry['grounding_map']}); sweep {json.dumps(entry['box_rule_sweep'])}")
+        print(f"{arm}: {entry['train_seconds']} s, {entry['samples_per_s']} samples/s; losses {entry['losses']['final']}")
+    print(f"results: {work / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
