@@ -7,8 +7,9 @@ catalog from-csv` command makes it (category = subCategory), then composed three
 into fresh folders under `--out`:
 
 1. one worker, cut-outs cached as before: at most 2,048 in memory per process, none on disk;
-2. one worker, cut-outs cached by bytes in memory and shared on disk (each photo cut out once);
-3. `--workers` processes (default: all cores), cached as 2.
+2. one worker, cut-outs cached by bytes in memory (1 GiB: each photo cut out once);
+3. `--workers` processes (default: all cores), cut-outs shared on disk (each photo cut out once
+   on the machine) and cached by bytes in each process.
 
 Each arm's catalog and images must equal arm 1's byte for byte (the `same` column). Prints a
 Markdown table: wall seconds, scenes/s, scenes/s per core (per worker process), photos cut out.
@@ -60,8 +61,8 @@ def main() -> int:
 
     arms = [
         ("1 worker, cache before (2,048 cut-outs per process)", dict(workers=1, cache_items=2048, cache_mb=None, share_cutouts=False)),
-        ("1 worker, cache after (by bytes, shared on disk)", dict(workers=1)),
-        (f"{workers} workers, cache after", dict(workers=workers)),
+        ("1 worker, cache after (by bytes)", dict(workers=1)),
+        (f"{workers} workers, cache after + shared on disk", dict(workers=workers)),
     ]
     rows, reference = [], None
     for name, options in arms:

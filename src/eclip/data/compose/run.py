@@ -227,7 +227,7 @@ def compose_catalog(
     cache_mb: float | None = 1024,
     cache_items: int | None = None,
     cutout_dir: str | Path | None = None,
-    share_cutouts: bool = True,
+    share_cutouts: bool | None = None,
 ) -> ComposeResult:
     """Write `images/` and `catalog.jsonl` (each product with its K scenes, boxes in pixels)
     under out_dir. With keep_clean each product's last image is its clean photo.
@@ -236,9 +236,10 @@ def compose_catalog(
     its block of products (distractors come from all of them) into catalog.part-R-of-W.jsonl,
     and the rank that finds every part written merges them into catalog.jsonl. The output is the
     same for any workers, ranks and world size. `cache_mb` bounds all workers' cut-out caches
-    together (`cache_items` bounds each one's count). With share_cutouts each photo is cut out
-    once and saved as PNG under `cutout_dir` (default: out_dir/.cutouts-<side>, removed once the
-    whole catalog is written), where every worker and every rank that shares it reads it back."""
+    together (`cache_items` bounds each one's count). With share_cutouts (default: with more than
+    one worker or rank) each photo is cut out once and saved as PNG under `cutout_dir` (default:
+    out_dir/.cutouts-<side>, removed once the whole catalog is written), where every worker and
+    every rank that shares it reads it back; one process alone keeps them in memory only."""
     from tqdm import tqdm
 
     config = config or ComposeConfig()
@@ -249,6 +250,8 @@ def compose_catalog(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers, len(mine)))
+    if share_cutouts is None:
+        share_cutouts = workers > 1 or world_size > 1
     cache_bytes = None if cache_mb is None else int(cache_mb * (1 << 20) / workers)
     own_dir = share_cutouts and cutout_dir is None
     disk = None if not share_cutouts else Path(cutout_dir) if cutout_dir is not None else out / f".cutouts-{cut_side(config)}"
