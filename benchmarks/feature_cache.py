@@ -59,7 +59,7 @@ def build_catalog(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
         out = work / f"myntra_{args.products}_{args.image_size}"
         if not (out / "catalog.jsonl").is_file():
             csv_to_catalog(data / "styles.csv", work / "myntra.jsonl", id_column="id", title_column="productDisplayName",
-                           image_template="images/{id}.jpg", limit=args.products)
+                           image_template="images/{id}.jpg", category_column="subCategory", limit=args.products)
             products, _ = load_catalog(work / "myntra.jsonl")
             config = ComposeConfig(scenes_per_product=2, size=args.image_size, seed=0, keep_clean=True)
             compose_catalog(products, out, config, progress=False)

@@ -314,8 +314,13 @@ class FeatureCache:
         missing = self.titles.missing(rows)
         if missing:
             self._fill_titles(missing)
-        hidden = self.titles.read(rows).to(self.device, non_blocking=True).float()
-        return hidden, self.masks.read(rows).to(self.device)
+        mask = self.masks.read(rows)
+        # the columns past the batch's longest title are padding on every row: every text
+        # tower ignores padded positions (masked attention or causal, masked pooling), so
+        # the trainable blocks need not run on them
+        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+        hidden = self.titles.read(rows)[:, :length].to(self.device, non_blocking=True).float()
+        return hidden, mask[:, :length].to(self.device)
 
 
 def describe_diff(saved: dict, wanted: dict, prefix: str = ""):
