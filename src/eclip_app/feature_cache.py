@@ -289,6 +289,10 @@ class FeatureCache:
     def complete(self) -> bool:
         return all(rows.complete for rows in (self.images, self.titles, self.masks) if rows is not None)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.data.nbytes for rows in (self.images, self.titles, self.masks) if rows is not None)
+
     # -- what a step reads
 
     def image_prefix(self, keys: list[tuple[int, int]]) -> torch.Tensor:
@@ -314,13 +318,10 @@ class FeatureCache:
         missing = self.titles.missing(rows)
         if missing:
             self._fill_titles(missing)
-        mask = self.masks.read(rows)
-        # the columns past the batch's longest title are padding on every row: every text
-        # tower ignores padded positions (masked attention or causal, masked pooling), so
-        # the trainable blocks need not run on them
-        length = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
-        hidden = self.titles.read(rows)[:, :length].to(self.device, non_blocking=True).float()
-        return hidden, mask[:, :length].to(self.device)
+        # the full padded length, as the tokenizer gives it: trimming the padding would change
+        # the shapes the trainable blocks draw their dropout masks over
+        hidden = self.titles.read(rows).to(self.device, non_blocking=True).float()
+        return hidden, self.masks.read(rows).to(self.device)
 
 
 def describe_diff(saved: dict, wanted: dict, prefix: str = ""):
@@ -397,8 +398,9 @@ def cached_source(config, model: ECLIP, source, env, progress: bool = True) -> t
     if env.distributed and cache.folder is not None and not cache.complete:
         raise FeatureCacheError(f"feature cache {cache.folder} is not complete: under torchrun fill it first "
                                 "(eclip cache-features), or leave feature_cache_dir empty for a cache in each rank's memory")
-    logger.info("feature cache: vision prefix %d layers, text prefix %d layers, %s, %s", layers["vision"], layers["text"],
-                config.feature_cache_dtype, cache.folder or "in memory")
+    logger.info("feature cache: vision prefix %d layers, text prefix %d layers, %s, %.2f GiB %s", layers["vision"], layers["text"],
+                config.feature_cache_dtype, cache.nbytes / 2**30,
+                f"memory-mapped in {cache.folder}" if cache.folder else "in memory (feature_cache_dir: a memory-mapped file)")
     return CachedBatchSource(cache, source.sampler, config.seed, env.rank, env.world_size), cache
 
 
