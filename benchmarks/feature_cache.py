@@ -3,8 +3,8 @@
 eclip-lite (EfficientNet-Lite0 frozen but its last 2 of 7 stages, MiniLM frozen but its last
 block, tower lr x0.1), P=32, K=2, on a composed Myntra catalog (clean photo + 2 scenes per
 product, so K=2 draws no augmented view) or, without the Myntra folder, ShopSynth. The same N
-steps run twice through `eclip_app.train.train` from the same seed: with the cache (filled up
-front by the same code `eclip cache-features` runs), then without it. Printed: samples/s
+steps run twice through `eclip_app.train.train` from the same seed, with the cache (filled up
+front by the same code `eclip cache-features` runs) and without it, taking turns. Printed: samples/s
 each way (with the cache: excluding and including the one-off fill), and the total loss of
 each way at each step with the largest difference.
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--products-per-batch", type=int, default=32)
     p.add_argument("--images-per-product", type=int, default=2)
     p.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    p.add_argument("--chunk", type=int, default=2, help="steps per turn of each way (>= 2: a turn's first step is not timed)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
@@ -82,12 +84,6 @@ def recipe(args: argparse.Namespace, catalog: Path, out: Path, **fields):
     return config
 
 
-def steady_rate(history: list[dict], batch: int) -> float:
-    """Samples/s over every step but the first (warm-up): total samples / total time."""
-    rates = [r["samples_per_s"] for r in history[1:]] or [history[0]["samples_per_s"]]
-    return len(rates) * batch / sum(batch / r for r in rates)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -114,13 +110,23 @@ def main(argv=None) -> int:
     rows = cache.fill(progress=False)
     fill_s = time.perf_counter() - t
     del cache
-    cached = train(config, progress=False, store=store)
-    live = train(recipe(args, catalog, work / "live"), progress=False, store=store)  # second: any warm-up favours it
-
-    live_rate, cached_rate = steady_rate(live.history, batch), steady_rate(cached.history, batch)
-    cached_s = sum(batch / r["samples_per_s"] for r in cached.history)
-    with_fill = args.steps * batch / (cached_s + fill_s)
-    losses = [(r["step"], r["loss_total"], c["loss_total"]) for r, c in zip(live.history, cached.history)]
+    # the two ways take turns, `--chunk` steps each (a stop with a checkpoint, then a resume), so
+    # that a shared machine's changing load falls on both alike; the first step after each
+    # resume (a fresh model) is left out of the rates
+    arms = {"cached": config, "live": recipe(args, catalog, work / "live")}
+    for arm in arms.values():
+        shutil.rmtree(arm.out_dir, ignore_errors=True)
+    history: dict[str, list[dict]] = {name: [] for name in arms}
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    for start in range(0, args.steps, args.chunk):
+        stop = min(start + args.chunk, args.steps)
+        for name, arm in arms.items():
+            new = [r for r in train(arm, resume=start > 0, progress=False, store=store, stop_at=stop).history if r["step"] > start]
+            history[name] += new
+            rates[name] += [r["samples_per_s"] for r in new[1:]]
+    live_rate, cached_rate = (len(rates[n]) * batch / sum(batch / r for r in rates[n]) for n in ("live", "cached"))
+    with_fill = args.steps * batch / (args.steps * batch / cached_rate + fill_s)
+    losses = [(r["step"], r["loss_total"], c["loss_total"]) for r, c in zip(history["live"], history["cached"])]
     max_diff = max(abs(a - b) for _, a, b in losses)
     mib = sum(f.stat().st_size for f in cache_dir.iterdir()) / 2**20
     load_after = os.getloadavg()
@@ -135,6 +141,7 @@ def main(argv=None) -> int:
     print(f"| live (no cache) | {live_rate:.1f} | 1.00 |")
     print(f"| cached, steps only | {cached_rate:.1f} | {cached_rate / live_rate:.2f} |")
     print(f"| cached, incl. one-off fill ({rows} rows, {fill_s:.1f} s) | {with_fill:.1f} | {with_fill / live_rate:.2f} |")
+    print(f"\n(samples/s over {len(rates['live'])} timed steps each way, taking turns {args.chunk} steps at a time)")
     print(f"\nLoss per step (max |difference| {max_diff:.2e}):\n")
     print("| step | live loss | cached loss |")
     print("|---:|---:|---:|")
