@@ -32,8 +32,41 @@ def _train(args) -> int:
     if not config.catalog and not config.shards:
         print("eclip train: no training data (give --catalog or --shards, or set catalog or shards in the config)", file=sys.stderr)
         return 2
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    from .feature_cache import FeatureCacheError
+
+    try:
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+    except FeatureCacheError as error:  # a cache the config would make wrong: one line
+        print(f"eclip train: {error}", file=sys.stderr)
+        return 2
     print(f"model saved to {result.out_dir / 'model'}")
+    return 0
+
+
+def _cache_features(args) -> int:
+    from eclip.data import load_catalog
+
+    from .feature_cache import FeatureCacheError, build_cache_for_config
+    from .train import load_train_config
+
+    try:
+        config = load_train_config(args.config, args.set)
+    except ValueError as error:
+        print(f"eclip cache-features: {error}", file=sys.stderr)
+        return 2
+    config.feature_cache_dir = args.out
+    if args.dtype:
+        config.feature_cache_dtype = args.dtype
+    products, _ = load_catalog(args.catalog)
+    try:
+        cache = build_cache_for_config(config, products, args.out, args.device)
+    except FeatureCacheError as error:
+        print(f"eclip cache-features: {error}", file=sys.stderr)
+        return 2
+    cache.batch_size = args.batch_size
+    done = cache.fill(progress=not args.no_progress)
+    print(f"feature cache in {args.out}: {done} rows computed, complete "
+          f"(train with --set feature_cache=true --set feature_cache_dir={args.out} and the same settings)")
     return 0
 
 
@@ -326,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
+
+    cf = sub.add_parser("cache-features", help="compute the frozen tower prefixes of a training run once (feature_cache_dir)")
+    cf.add_argument("--catalog", required=True, help="the training catalog (JSON Lines)")
+    cf.add_argument("--out", required=True, help="the cache folder (memory-mapped .npy files and manifest.json); resumable")
+    cf.add_argument("--config", help="the training run's TOML or JSON file (model, optim.freeze_*, seed)")
+    cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the training run's overrides, as for eclip train")
+    cf.add_argument("--dtype", choices=["fp16", "fp32"], help="storage (default: the config's feature_cache_dtype)")
+    cf.add_argument("--batch-size", type=int, default=64)
+    cf.add_argument("--device", default="cpu")
+    cf.add_argument("--no-progress", action="store_true")
+    cf.set_defaults(func=_cache_features)
 
     ev = sub.add_parser("eval", help="zero-shot evaluation of a saved model on a catalog")
     ev.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")

@@ -73,13 +73,18 @@ class TrainStep:
         device: torch.device,
         accum_steps: int = 1,
         precision: str = "fp32",
+        frozen_layers: dict[str, int] | None = None,
     ):
+        """`frozen_layers`: with a feature cache, {"vision": k, "text": m}: the batch's images
+        and the text input are already those towers' outputs after k and m frozen layers."""
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"unknown precision {precision!r} (fp32 or bf16)")
         self.model, self.criterion, self.forward = model, criterion, forward
         self.device = device
         self.accum_steps = accum_steps
         self.precision = precision
+        layers = frozen_layers or {}
+        self.split = {f"{kind}_frozen_layers": layers[kind] for kind in ("vision", "text") if layers.get(kind)}
 
     def autocast(self):
         if self.precision == "bf16":
@@ -88,7 +93,7 @@ class TrainStep:
 
     def features(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
         with self.autocast():
-            return Features.from_forward(self.forward(images, ids, mask))
+            return Features.from_forward(self.forward(images, ids, mask, **self.split))
 
     def loss(self, local: Features, image_pids: torch.Tensor, text_pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses over the global batch: gather every rank's features (with gradients)."""

@@ -26,6 +26,7 @@ from eclip.losses import ECLIPLoss
 from eclip.model import ECLIP
 
 from .distributed import DistEnv, any_rank, barrier, init_distributed, parallelize
+from .feature_cache import cached_source
 from .optim import apply_freezing, build_optimizer, parameter_groups, warmup_cosine
 from .step import TrainStep
 from .training.checkpoint import (
@@ -144,7 +145,6 @@ def train(
         forward = torch.compile(forward, backend=config.compile_backend)
     optimizer = build_optimizer(model, config, env.device)  # after sharding: FSDP's parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, config.steps, config.min_lr_ratio))
-    step_fn = TrainStep(model, criterion, forward, env.device, config.accum_steps, config.precision)
 
     start = 0
     metrics_path = out / "metrics.jsonl"
@@ -156,6 +156,11 @@ def train(
         if metrics_path.exists():  # drop log lines past the checkpoint: they will be redone
             lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in lines if r["step"] <= start]
+    cache = None
+    if config.feature_cache:  # after the checkpoint: the cache fingerprints the weights the run has
+        source, cache = cached_source(config, model, source, env)
+    frozen_layers = {"vision": cache.vision_layers, "text": cache.text_layers} if cache else None
+    step_fn = TrainStep(model, criterion, forward, env.device, config.accum_steps, config.precision, frozen_layers)
     logs = RunLogs(out, history, enabled=env.is_main, tensorboard=config.tensorboard)
     if env.is_main:
         atomic_write_text(out / "train_config.json", json.dumps(to_dict(config), indent=2))
@@ -171,7 +176,7 @@ def train(
         while step < end:
             data_start = time.perf_counter()
             batch = source.next_batch(step)
-            tokens = model.tokenizer(batch.titles)
+            tokens = cache.text_inputs(batch.text_pids, batch.titles) if cache else model.tokenizer(batch.titles)
             data_time = time.perf_counter() - data_start
             optimizer.zero_grad(set_to_none=True)
             criterion.set_step(step + 1)

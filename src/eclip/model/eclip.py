@@ -96,9 +96,11 @@ class ECLIP(nn.Module, Inference):
 
     # ------------------------------------------------------------------ encoders
 
-    def encode_image(self, images: torch.Tensor) -> ImageEncoding:
-        """images (B, 3, S, S), normalised as `eclip.data.transforms` does."""
-        features = self.vision.forward_features(images)
+    def encode_image(self, images: torch.Tensor, frozen_layers: int = 0) -> ImageEncoding:
+        """images (B, 3, S, S), normalised as `eclip.data.transforms` does; or, with
+        `frozen_layers` k > 0, the vision tower's `forward_frozen(images, k)` computed earlier
+        (a feature cache of a frozen prefix)."""
+        features = self.vision.forward_features_from(images, frozen_layers)
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:
@@ -124,26 +126,38 @@ class ECLIP(nn.Module, Inference):
             )
         return self.image_head(torch.einsum("bmn,bnc->bmc", attention, tokens))  # (B, M, D)
 
-    def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Titles or queries -> (T, D), L2-normalised."""
+    def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor], frozen_layers: int = 0) -> torch.Tensor:
+        """Titles or queries -> (T, D), L2-normalised. Given as (ids, mask) with
+        `frozen_layers` k > 0, the ids are the text tower's `forward_frozen(ids, mask, k)`."""
         if isinstance(texts, (list, str)):
             ids, mask = self.tokenizer(texts)
             device = self.text_head.weight.device
             ids, mask = ids.to(device), mask.to(device)
         else:
             ids, mask = texts
-        return F.normalize(self.text_head(self.text.forward_features(ids, mask)), dim=-1)
+        return F.normalize(self.text_head(self.text.forward_features_from(ids, mask, frozen_layers)), dim=-1)
 
-    def forward(self, images: torch.Tensor, token_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        token_ids: torch.Tensor,
+        mask: torch.Tensor,
+        vision_frozen_layers: int = 0,
+        text_frozen_layers: int = 0,
+    ) -> dict[str, torch.Tensor | None]:
         """What training needs, in one module call (so that DDP, FSDP and torch.compile, which
         hook `forward`, see the whole computation, as open_clip's CLIP.forward): embeddings of
-        the images and texts, and the current value of every logit scale."""
-        encoding = self.encode_image(images)
+        the images and texts, and the current value of every logit scale.
+
+        A non-zero `vision_frozen_layers` / `text_frozen_layers` k means `images` / `token_ids`
+        already hold that tower's output after its first k (frozen) layers: a feature cache
+        computed them once, and only the rest runs here."""
+        encoding = self.encode_image(images, vision_frozen_layers)
         return {
             "global_embedding": encoding.global_embedding,  # (B, D)
             "instances": encoding.instances,  # (B, M, D) or None
             "productness": encoding.productness,  # (B, M) or None
-            "texts": self.encode_text((token_ids, mask)),  # (T, D)
+            "texts": self.encode_text((token_ids, mask), text_frozen_layers),  # (T, D)
             **{f"scale_{name}": scale() for name, scale in self.logit_scales.items()},
         }
 

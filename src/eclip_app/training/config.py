@@ -53,6 +53,11 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     tensorboard: bool = True  # event files in OUT/tensorboard when tensorboard is installed
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP, for towers too big for one device
+    # locked-tower feature cache: the frozen prefix of each tower (optim.freeze_*) computed once
+    # per image and title, only the trainable layers run per step (eclip_app.feature_cache)
+    feature_cache: bool = False
+    feature_cache_dir: str = ""  # memory-mapped files here (eclip cache-features fills it); "": in memory
+    feature_cache_dtype: str = "fp16"  # or "fp32"
 
 
 def make_train_config(model_preset_name: str = "tiny", objective: str = "eclip", **fields) -> TrainConfig:

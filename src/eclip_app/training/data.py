@@ -27,9 +27,10 @@ class MapBatchSource:
     """PKSampler's slots for the step, made into a batch by `batch_for_slots(slots, step)`. Its
     state is the sampler's, so checkpoints stay what they were."""
 
-    def __init__(self, sampler: PKSampler, batch_for_slots: Callable[[list, int], Batch]):
+    def __init__(self, sampler: PKSampler, batch_for_slots: Callable[[list, int], Batch], store: ImageStore | None = None):
         self.sampler = sampler
         self.batch_for_slots = batch_for_slots
+        self.store = store  # the decoded images (the feature cache reads the catalog from it)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -59,17 +60,28 @@ def rank_slice(slots: list, world_size: int, rank: int) -> tuple[list, int]:
     return [slot for slot in slots if slot.product in mine], first
 
 
-def make_batch(store: ImageStore, slots: list, seed: int, step: int, rank: int = 0, world_size: int = 1) -> Batch:
-    """This rank's part of the global batch drawn at `step`; augmented views are drawn per
-    product with a generator of its slot, so they do not depend on the number of ranks."""
+def product_groups(slots: list, world_size: int = 1, rank: int = 0) -> list[tuple[int, list, int]]:
+    """This rank's products of the global batch, in order: (product, its slots, the index of
+    its first slot in the global batch: what seeds its augmented views)."""
     mine, first = rank_slice(slots, world_size, rank)
     by_product: dict[int, list] = {}
     for slot in mine:
         by_product.setdefault(slot.product, []).append(slot)
+    groups = []
+    for product, group in by_product.items():
+        groups.append((product, group, first))
+        first += len(group)
+    return groups
+
+
+def make_batch(store: ImageStore, slots: list, seed: int, step: int, rank: int = 0, world_size: int = 1) -> Batch:
+    """This rank's part of the global batch drawn at `step`; augmented views are drawn per
+    product with a generator of its slot, so they do not depend on the number of ranks."""
+    groups = product_groups(slots, world_size, rank)
     return product_batch(
         [([store.get(s.product, s.image) for s in group], [s.augment for s in group], product, store.products[product].title)
-         for product, group in by_product.items()],
-        seed, step, first,
+         for product, group, _ in groups],
+        seed, step, groups[0][2],
     )
 
 
@@ -104,7 +116,7 @@ def make_batch_source(
             raise ValueError("the map-style source needs products or a store")
         store = ImageStore(products, image_size)
     sampler = PKSampler([len(p.images) for p in store.products], products_per_batch, images_per_product, seed)
-    return MapBatchSource(sampler, lambda slots, step: make_batch(store, slots, seed, step, rank, world_size))
+    return MapBatchSource(sampler, lambda slots, step: make_batch(store, slots, seed, step, rank, world_size), store)
 
 
 def make_data_source(config: TrainConfig, image_size: int, env: DistEnv, store: ImageStore | None = None) -> MapBatchSource | ShardStream:

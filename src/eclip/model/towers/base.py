@@ -102,12 +102,14 @@ class _TunableTower(nn.Module):
         self.grad_checkpointing = enable
 
     def train(self, mode: bool = True):
-        # A BatchNorm whose parameters are all frozen keeps its running statistics too: a
-        # frozen pretrained CNN must not drift towards the batch statistics of training data.
+        # A module whose parameters are all frozen runs in eval mode (as LiT's locked tower):
+        # a frozen BatchNorm keeps its running statistics (a pretrained CNN must not drift
+        # towards the batch statistics of training data), and dropout inside a frozen prefix
+        # is off, so that the prefix is a fixed function a feature cache can store.
         super().train(mode)
         for module in self.modules():
-            params = list(module.parameters(recurse=False))
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            params = list(module.parameters())
+            if module is not self and params and not any(p.requires_grad for p in params):
                 module.eval()
         return self
 
