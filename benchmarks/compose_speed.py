@@ -2,7 +2,7 @@
 
     python benchmarks/compose_speed.py [--products 3000] [--scenes-per-product 2] [--workers N]
 
-A catalog of the first `--products` rows of the Myntra sample is made as the README's `eclip
+A catalog of the first `--products` rows of the Myntra sample is made as docs/data.md's `eclip
 catalog from-csv` command makes it (category = subCategory), then composed three times at 224 px
 into fresh folders under `--out`:
 

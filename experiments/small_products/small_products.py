@@ -13,8 +13,8 @@ same batches through `eclip_app.train.train` with the locked-tower feature cache
 
 Choices are made on validation products only: for each arm, the box rule of its grounding map
 is the one with the best Acc@IoU0.5 averaged over the regimes' validation scenes
-(`--box-rules`); held-out products are read once, with that rule. Reported per regime:
-scene-to-catalog retrieval text-free and hinted with the category ("a photo of {category}"),
+(`BOX_RULES`); held-out products are read once, with that rule. Reported per regime:
+scene-to-catalog retrieval text-free and hinted with the category ("a photo of a {category}"),
 grounding from the title, and zero-shot classification on the clean photos. Writes
 `--work/results.json` and prints Markdown tables.
 """

@@ -184,7 +184,7 @@ class BoxRule(Checked):
     region: BoxRegion = "largest"
 
 
-# Each map's default rule, chosen on training data (the measurements are in docs/design.md).
+# Each map's default rule, chosen on training data (the measurements are in docs/results.md).
 # Attention peaks on a part of the product with a tail over the rest: its mean boxes the whole.
 ATTENTION_BOX_RULE = BoxRule(relative_to="mean", threshold=1.0, region="largest")
 # Token similarity is diffuse: the top fifth of its range, wherever it lies.

@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--scenes", required=True, help="scene catalog (eclip compose's catalog.jsonl)")
     es.add_argument("--catalog", required=True, help="clean catalog of the same products (the gallery)")
     es.add_argument("--batch-size", type=int, default=128)
-    es.add_argument("--group-by", default="area,distractors,occlusion,regime", help="metric tables by these scene groupings (comma separated)")
+    es.add_argument("--group-by", default="area,distractors,occlusion,regime", help="metric tables by these scene groupings, comma separated, from area, distractors, occlusion, regime (default: all four)")
     es.add_argument("--json", action="store_true", help="print every metric, grouped ones included, as JSON")
     _read_options(es)
     es.add_argument("--no-progress", action="store_true")
