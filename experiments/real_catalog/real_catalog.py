@@ -129,21 +129,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arm", choices=("clip", "eclip"), default="eclip", help="which trained model --reevaluate reads")
     args = p.parse_args(argv)
     if args.quick:
-        # only the sizes that the user left at their defaults shrink
-        quick = dict(train_products=80, heldout_products=30, scenes_per_product=2, image_size=96, steps=4,
-                     products_per_batch=8, warmup=1, diagnostic_products=20, validation_products=20)
-        for name, value in quick.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
-        if args.work == p.get_default("work"):
-            args.work = "runs/bench_myntra_quick"
+        shrink_for_quick(p, args, "runs/bench_myntra_quick", train_products=80, heldout_products=30, scenes_per_product=2,
+                         image_size=96, steps=4, products_per_batch=8, warmup=1, diagnostic_products=20, validation_products=20)
     if args.images_per_product < 2:
         p.error("--images-per-product must be >= 2 (the intra-product objective needs two images of a product)")
     args.out = args.out or str(Path(args.work) / "results.json")
     return args
 
 
+def shrink_for_quick(parser: argparse.ArgumentParser, args: argparse.Namespace, work: str, **sizes) -> None:
+    """--quick: the sizes the user left at their defaults shrink to `sizes`, and so does --work."""
+    for name, value in sizes.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    if args.work == parser.get_default("work"):
+        args.work = work
+
+
 # ----------------------------------------------------------------------------- data
+
+
+def myntra_catalog(data: Path, work: Path) -> list[Product]:
+    """styles.csv -> WORK/catalog.jsonl (category = subCategory; baseColour, gender, usage as
+    attributes), read back without opening the images."""
+    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
+                            image_template="images/{id}.jpg", category_column="subCategory",
+                            attribute_columns=["baseColour", "gender", "usage"])
+    logger.info(report.summary())
+    return load_catalog(work / "catalog.jsonl", check_images=False)[0]
 
 
 def split_by_product(
@@ -336,11 +349,7 @@ class BenchData:
 def prepare(args: argparse.Namespace, work: Path) -> BenchData:
     """1-3: catalog, split by product, scenes (reused when already composed)."""
     data = Path(args.data)
-    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
-                            image_template="images/{id}.jpg", category_column="subCategory",
-                            attribute_columns=["baseColour", "gender", "usage"])
-    logger.info(report.summary())
-    products, _ = load_catalog(work / "catalog.jsonl", check_images=False)
+    products = myntra_catalog(data, work)
     train_products, heldout, validation = split_by_product(
         products, args.train_products, args.heldout_products, args.seed, args.validation_products
     )

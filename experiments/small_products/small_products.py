@@ -39,7 +39,6 @@ import torch  # noqa: E402
 from eclip.config import BoxRule  # noqa: E402
 from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
 from eclip.data.compose import BACKGROUNDS, regime_config  # noqa: E402
-from eclip.data.csv_import import csv_to_catalog  # noqa: E402
 from eclip.data.transforms import normalize  # noqa: E402
 from eclip.evaluation import evaluate  # noqa: E402
 from eclip.model import ECLIP  # noqa: E402
@@ -52,6 +51,8 @@ from experiments.real_catalog.real_catalog import (  # noqa: E402
     compose_once,
     losses_line,
     machine,
+    myntra_catalog,
+    shrink_for_quick,
     split_by_product,
     write_catalog,
 )
@@ -117,13 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        quick = dict(train_products=60, heldout_products=20, validation_products=20, scenes_per_product=2, steps=3,
-                     products_per_batch=8, warmup=1, scene_size=160, image_size=128)
-        for name, value in quick.items():
-            if getattr(args, name) == p.get_default(name):
-                setattr(args, name, value)
-        if args.work == p.get_default("work"):
-            args.work = "runs/small_products_quick"
+        shrink_for_quick(p, args, "runs/small_products_quick", train_products=60, heldout_products=20, validation_products=20,
+                         scenes_per_product=2, steps=3, products_per_batch=8, warmup=1, scene_size=160, image_size=128)
     args.regimes = [r.strip() for r in args.eval_regimes.split(",") if r.strip()]
     return args
 
@@ -138,12 +134,7 @@ def compose_set(products: list[Product], out: Path, regime: str, args, scenes: i
 
 
 def prepare(args, work: Path) -> dict:
-    data = Path(args.data)
-    report = csv_to_catalog(data / "styles.csv", work / "catalog.jsonl", id_column="id", title_column="productDisplayName",
-                            image_template="images/{id}.jpg", category_column="subCategory",
-                            attribute_columns=["baseColour", "gender", "usage"])
-    logger.info(report.summary())
-    products, _ = load_catalog(work / "catalog.jsonl", check_images=False)
+    products = myntra_catalog(Path(args.data), work)
     train_products, heldout, validation = split_by_product(
         products, args.train_products, args.heldout_products, args.seed, args.validation_products
     )
