@@ -24,51 +24,11 @@ from eclip.data.compose import (
 )
 from eclip_app.cli import main
 
-# one pure colour per product, grouped by category; the scene backgrounds never reach 0 or 255
-# in a channel, so an exact match of these colours is the product itself
-COLOURS = {
-    "tee": [(255, 0, 0), (255, 0, 255)],
-    "shoe": [(0, 255, 0), (0, 255, 255)],
-    "bag": [(0, 0, 255), (255, 255, 0)],
-}
-
-
-def _photo(colour, shape: str, size: int = 96) -> Image.Image:
-    """A studio shot: a flat-coloured product on white."""
-    image = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    if shape == "ellipse":
-        draw.ellipse((20, 10, 76, 86), fill=colour)
-    else:
-        draw.rectangle((15, 25, 80, 70), fill=colour)
-    return image
-
-
-@pytest.fixture(scope="module")
-def clean_catalog(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("clean")
-    (root / "images").mkdir()
-    lines = []
-    for category, colours in COLOURS.items():
-        for k, colour in enumerate(colours):
-            pid = f"{category}{k}"
-            _photo(colour, "ellipse" if k == 0 else "rect").save(root / "images" / f"{pid}.png")
-            lines.append(json.dumps({"product_id": pid, "title": f"acme {category} number {k}", "category": category,
-                                     "images": [f"images/{pid}.png"]}))
-    (root / "catalog.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "catalog.jsonl"
-
-
-@pytest.fixture(scope="module")
-def scenes(clean_catalog, tmp_path_factory) -> Path:
-    products, _ = load_catalog(clean_catalog)
-    out = tmp_path_factory.mktemp("scenes")
-    compose_catalog(products, out, ComposeConfig(scenes_per_product=3, size=64, seed=5), progress=False)
-    return out / "catalog.jsonl"
+from .conftest import studio_photo
 
 
 def test_cut_out_mask_of_a_product_on_white():
-    photo = np.array(_photo((30, 90, 200), "rect"))
+    photo = np.array(studio_photo((30, 90, 200), "rect"))
     # a white logo inside the product is product, not background
     photo[40:50, 40:50] = 255
     mask = cut_out_mask(photo)
@@ -77,11 +37,11 @@ def test_cut_out_mask_of_a_product_on_white():
     assert (mask == truth).all()
 
     # JPEG noise on the white and a speck of dust: still the product and nothing else
-    noisy = np.array(_photo((200, 40, 40), "ellipse")).astype(np.int16)
+    noisy = np.array(studio_photo((200, 40, 40), "ellipse")).astype(np.int16)
     noisy += np.random.default_rng(0).integers(-3, 4, noisy.shape)
     noisy[5, 5] = (120, 120, 120)
     noisy = np.clip(noisy, 0, 255).astype(np.uint8)
-    truth = np.asarray(_photo((200, 40, 40), "ellipse"))[..., 1] < 128
+    truth = np.asarray(studio_photo((200, 40, 40), "ellipse"))[..., 1] < 128
     mask = cut_out_mask(noisy)
     assert not mask[5, 5]
     assert (mask != truth).mean() < 0.01
@@ -92,8 +52,8 @@ def test_cut_out_mask_of_a_product_on_white():
 
 def test_scene_box_holds_the_product_and_stays_inside():
     config = ComposeConfig(size=96)
-    product, _ = cut_out(_photo((255, 0, 255), "ellipse"))
-    distractors = [cut_out(_photo(c, "rect"))[0] for c in [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 0)]]
+    product, _ = cut_out(studio_photo((255, 0, 255), "ellipse"))
+    distractors = [cut_out(studio_photo(c, "rect"))[0] for c in [(0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 0)]]
     occluded = 0
     for seed in range(40):
         rng = random.Random(seed)
@@ -260,7 +220,7 @@ def test_looks_photo_backdrops_camera_and_people(clean_catalog, tmp_path):
     person = tmp_path / "model.png"
     _person_photo().save(person)
     assert skin_fraction(cut_out(_person_photo())[0]) > 0.1
-    assert skin_fraction(cut_out(_photo((255, 0, 0), "rect"))[0]) == 0.0
+    assert skin_fraction(cut_out(studio_photo((255, 0, 0), "rect"))[0]) == 0.0
     products[0].images[0].path = str(person)  # tee0 is now an apparel photo with its model
     config = ComposeConfig(scenes_per_product=4, size=64, backgrounds=("photo", "mosaic", "wood"), camera_probability=1.0,
                            people_probability=1.0, distractors=(0, 0))
@@ -275,7 +235,7 @@ def test_looks_photo_backdrops_camera_and_people(clean_catalog, tmp_path):
 
 @pytest.mark.parametrize("kind", BACKGROUNDS)
 def test_background_kinds(kind):
-    photo = np.asarray(_photo((200, 40, 40), "ellipse"))
+    photo = np.asarray(studio_photo((200, 40, 40), "ellipse"))
     out = background(np.random.default_rng(3), 80, (kind,), photos=lambda rng: photo)
     again = background(np.random.default_rng(3), 80, (kind,), photos=lambda rng: photo)
     assert out.shape == (80, 80, 3) and out.dtype == np.uint8 and (out == again).all()

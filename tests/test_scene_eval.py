@@ -21,7 +21,6 @@ from eclip.scene_eval import bucket_names, evaluate_scenes, scene_groups, scene_
 from eclip_app.cli import main
 
 from .conftest import micro_config
-from .test_compose import clean_catalog, scenes  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,7 @@ def _two_pass():
 
 
 @pytest.mark.parametrize("decoder", [True, False])
-def test_one_pass_matches_the_two_pass_evaluation(scenes, clean_catalog, decoder):  # noqa: F811
+def test_one_pass_matches_the_two_pass_evaluation(scenes, clean_catalog, decoder):
     torch.manual_seed(0)
     model = ECLIP(micro_config(decoder=decoder))
     scene_products, _ = load_catalog(scenes)
@@ -64,7 +63,7 @@ def _oracle_lookup(model, *catalogs):
     return table
 
 
-def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):  # noqa: F811
+def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):
     """An encoder that knows each image's product (its global embedding) and box (its map):
     retrieval and grounding are perfect, overall and in every group."""
     model = ECLIP(micro_config(decoder=False))
@@ -98,7 +97,7 @@ def test_evaluate_scenes_oracles(scenes, clean_catalog, monkeypatch):  # noqa: F
     assert all(results[k] == 1.0 for k in results if k.startswith("by_") and k.endswith("/scene_grounding_pointing"))
 
 
-def test_groups_partition_the_scenes(scenes, clean_catalog):  # noqa: F811
+def test_groups_partition_the_scenes(scenes, clean_catalog):
     model = ECLIP(micro_config())
     scene_products, _ = load_catalog(scenes)
     catalog_products, _ = load_catalog(clean_catalog)
@@ -118,7 +117,7 @@ def test_groups_partition_the_scenes(scenes, clean_catalog):  # noqa: F811
     assert scene_table(results, "regime").splitlines()[0] == "| regime | all | large |"
 
 
-def test_hinted_retrieval_uses_the_category_not_the_title(scenes, clean_catalog, monkeypatch):  # noqa: F811
+def test_hinted_retrieval_uses_the_category_not_the_title(scenes, clean_catalog, monkeypatch):
     model = ECLIP(micro_config())
     scene_products, _ = load_catalog(scenes)
     catalog_products, _ = load_catalog(clean_catalog)
@@ -170,7 +169,7 @@ def test_point_in_box_edges():
     assert not point_in_box((0.61, 0.5), box) and not point_in_box((0.4, 0.1), box)
 
 
-def test_catalog_keeps_an_entry_s_other_fields(scenes):  # noqa: F811
+def test_catalog_keeps_an_entry_s_other_fields(scenes):
     products, _ = load_catalog(scenes)
     meta = products[0].images[0].metadata
     assert set(meta) >= {"full_box", "occlusion", "distractors"} and "path" not in meta and "box" not in meta
@@ -206,7 +205,7 @@ def test_evaluate_grounding_matches_model_ground(synth_catalog):
     assert results["grounding_mean_iou"] == pytest.approx(np.mean(ious), abs=1e-6)
 
 
-def test_cli_eval_scenes_prints_grouped_tables(scenes, clean_catalog, tmp_path, capsys):  # noqa: F811
+def test_cli_eval_scenes_prints_grouped_tables(scenes, clean_catalog, tmp_path, capsys):
     from eclip.io import save_model
 
     save_model(ECLIP(micro_config()), tmp_path / "model")
