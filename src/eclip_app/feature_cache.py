@@ -389,12 +389,8 @@ def cached_source(config, model: ECLIP, source, env, progress: bool = True) -> t
     """The training loop's source and cache for `TrainConfig.feature_cache` (after the model
     has its weights: a resumed run's come from the checkpoint). Raises FeatureCacheError on a
     config the cache would make wrong."""
-    refusal = cache_refusal(config, model)
-    if refusal:
-        raise FeatureCacheError(refusal)
-    layers = frozen_prefix(model, config.optim)
-    cache = FeatureCache(model, source.store.products, layers["vision"], layers["text"], config.feature_cache_dtype,
-                         config.feature_cache_dir or None, store=source.store)
+    cache = cache_for_config(config, model, source.store.products, config.feature_cache_dir or None, store=source.store)
+    layers = {"vision": cache.vision_layers, "text": cache.text_layers}
     if env.distributed and cache.folder is not None and not cache.complete:
         raise FeatureCacheError(f"feature cache {cache.folder} is not complete: under torchrun fill it first "
                                 "(eclip cache-features), or leave feature_cache_dir empty for a cache in each rank's memory")
@@ -410,8 +406,14 @@ def build_cache_for_config(config, products: list[Product], folder: str | Path, 
     torch.manual_seed(config.seed)
     model = ECLIP(config.model).to(device)
     apply_freezing(model, config.optim)
+    return cache_for_config(config, model, products, folder)
+
+
+def cache_for_config(config, model: ECLIP, products: list[Product], folder, store=None) -> FeatureCache:
+    """The cache of `model`'s frozen prefixes as `config` freezes them; FeatureCacheError on a
+    config the cache would make wrong."""
     refusal = cache_refusal(config, model)
     if refusal:
         raise FeatureCacheError(refusal)
     layers = frozen_prefix(model, config.optim)
-    return FeatureCache(model, products, layers["vision"], layers["text"], config.feature_cache_dtype, folder)
+    return FeatureCache(model, products, layers["vision"], layers["text"], config.feature_cache_dtype, folder, store=store)
