@@ -215,3 +215,8 @@ def test_cli_eval_scenes_prints_grouped_tables(scenes, clean_catalog, tmp_path, 
     assert "| area | all |" in out and "| occlusion | all |" in out and "| distractors |" not in out
     assert main(args + ["--json"]) == 0
     assert json.loads(capsys.readouterr().out)["num_scenes"] == 18
+    assert main(args + ["--json", "--tiles", "2", "--hint-weight", "0.25"]) == 0
+    tiled = json.loads(capsys.readouterr().out)
+    assert 0.0 <= tiled["scene_to_catalog_tiled_map10"] <= 1.0 and "scene_grounding_tiled_pointing" in tiled
+    with pytest.raises(SystemExit):
+        main(args + ["--hint-weight", "2"])

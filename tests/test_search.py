@@ -347,6 +347,34 @@ def test_searcher_text_image_and_grounding(model_dir, index_dir, synth_catalog):
     assert grounded.heatmap.shape == (32, 32)
 
 
+def test_searcher_tiles(model_dir, index_dir, synth_catalog):
+    """A tiled image query: one vector per tile, merged by each product's best match; the whole
+    photo is tile 0, so the photo's own product still comes first; grounding stays in a tile."""
+    from PIL import Image
+
+    searcher = Searcher.load(model_dir, index_dir)
+    record = json.loads(synth_catalog["all"].read_text().splitlines()[7])
+    photo = Image.open(synth_catalog["all"].parent / record["images"][1]["path"])
+    vectors = searcher.embed_image(photo, tiles=2)
+    assert vectors.shape == (5, searcher.index.dim)
+    assert np.allclose(vectors[0], searcher.embed_image(photo), atol=1e-5)
+    rows = searcher.search_image(photo, k=4, tiles=2)
+    assert [r.rank for r in rows] == [1, 2, 3, 4] and len({r.product_id for r in rows}) == 4
+    assert rows[0].product_id == record["product_id"] and rows[0].score == pytest.approx(1.0, abs=1e-4)
+    # each product's score is its best match over the five vectors
+    by_vector = searcher.index.search(vectors, k=len(searcher.index))
+    best = {}
+    for hits in by_vector:
+        for pid, score in hits:
+            best[pid] = max(best.get(pid, -2.0), score)
+    for row in rows:
+        assert row.score == pytest.approx(best[row.product_id], abs=1e-5)
+    assert len(searcher.search_image_text(photo, record["title"], k=3, tiles=2)) == 3
+    grounded = searcher.ground(photo, record["title"], tiles=2)
+    x0, y0, x1, y1 = grounded.box_pixels
+    assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
+
+
 def test_cli_embed_index_search_prints_tables(model_dir, synth_catalog, tmp_path, capsys):
     emb, idx = tmp_path / "emb", tmp_path / "idx"
     assert main(["-q", "embed", "--model", str(model_dir), "--catalog", str(synth_catalog["heldout"]), "--out", str(emb), "--no-progress"]) == 0

@@ -16,7 +16,7 @@ is the one with the best Acc@IoU0.5 averaged over the regimes' validation scenes
 (`BOX_RULES`); held-out products are read once, with that rule. Reported per regime:
 scene-to-catalog retrieval text-free and hinted with the category ("a photo of a {category}"),
 grounding from the title, and zero-shot classification on the clean photos. Writes
-`--work/results.json` and prints Markdown tables.
+`--work/results_{image size}{tag}.json` and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ SCENE_COLUMNS = [
     ("Acc@IoU0.5", "scene_grounding_acc50"), ("mean IoU", "scene_grounding_mean_iou"),
     ("pointing", "scene_grounding_pointing"), ("random point", "scene_grounding_pointing_random"),
 ]
+# the same scenes read as tiles (`--tiles`): the whole scene and its crops, best match
+TILED_COLUMNS = [
+    ("tiled mAP@10", "scene_to_catalog_tiled_map10"), ("tiled R@1", "scene_to_catalog_tiled_r1"),
+    ("tiled R@10", "scene_to_catalog_tiled_r10"), ("tiled hinted mAP@10", "scene_to_catalog_tiled_hinted_map10"),
+    ("tiled hinted R@1", "scene_to_catalog_tiled_hinted_r1"), ("tiled Acc@IoU0.5", "scene_grounding_tiled_acc50"),
+    ("tiled mean IoU", "scene_grounding_tiled_mean_iou"), ("tiled pointing", "scene_grounding_tiled_pointing"),
+]
 CLEAN_COLUMNS = [
     ("subCategory top-1", "classification_top1"), ("subCategory macro-F1", "classification_macro_f1"),
     ("linear probe", "linear_probe_category_top1"), ("colour top-1", "attribute_baseColour_top1"),
@@ -114,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-feature-cache", action="store_true", help="run the frozen tower stages every step")
     p.add_argument("--validation-only", action="store_true", help="leave the held-out products unread")
     p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--tiles", type=int, default=2, help="also read the scenes as tiles x tiles crops (0: whole scenes only)")
+    p.add_argument("--hint-weight", type=float, default=0.5, help="weight of the category hint in the hinted query")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the arms' model folders (one per variant tried)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -175,7 +185,7 @@ def evaluate_split(model: ECLIP, clean: list[Product], scenes: dict[str, list[Pr
     out = {"clean": evaluate(model, clean, batch_size=args.eval_batch, progress=progress)}
     for regime, scene_products in scenes.items():
         out[regime] = evaluate_scenes(model, scene_products, clean, batch_size=args.eval_batch, progress=progress,
-                                      group_by=("area", "distractors"))
+                                      group_by=("area", "distractors"), tiles=args.tiles, hint_weight=args.hint_weight)
     return out
 
 
@@ -186,12 +196,13 @@ def fmt(value) -> str:
 def tables(results: dict, split: str, regimes: list[str]) -> str:
     lines = []
     for regime in regimes:
-        lines += [f"\n{split}, {regime} scenes", "| arm | " + " | ".join(c for c, _ in SCENE_COLUMNS) + " |",
-                  "|---|" + "---|" * len(SCENE_COLUMNS)]
-        for arm, by_split in results.items():
-            if split in by_split:
-                r = by_split[split][regime]
-                lines.append(f"| {arm} | " + " | ".join(fmt(r.get(k)) for _, k in SCENE_COLUMNS) + " |")
+        for columns in (SCENE_COLUMNS, TILED_COLUMNS):
+            rows = [(arm, by_split[split][regime]) for arm, by_split in results.items() if split in by_split]
+            if not any(r.get(key) is not None for _, r in rows for _, key in columns):
+                continue
+            lines += [f"\n{split}, {regime} scenes", "| arm | " + " | ".join(c for c, _ in columns) + " |",
+                      "|---|" + "---|" * len(columns)]
+            lines += [f"| {arm} | " + " | ".join(fmt(r.get(k)) for _, k in columns) + " |" for arm, r in rows]
     lines += [f"\n{split}, clean photos", "| arm | " + " | ".join(c for c, _ in CLEAN_COLUMNS) + " |",
               "|---|" + "---|" * len(CLEAN_COLUMNS)]
     for arm, by_split in results.items():
@@ -217,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, dict] = {}
     for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
         config = build_config(args, arm, data["train_catalog"])
+        config.out_dir = str(work / f"{arm}_{args.image_size}{args.tag}")  # a finished run there would be resumed
         if not args.no_feature_cache:
             config.feature_cache = True
-            config.feature_cache_dir = str(work / "feature_cache")  # the frozen prefix is the same for both arms
+            # the frozen prefix is the same for both arms; one folder per input size
+            config.feature_cache_dir = str(work / f"feature_cache_{args.image_size}")
         run = train(config, progress=not args.no_progress, store=store)
         if run.stopped_by_signal:
             raise SystemExit(f"{arm}: stopped by a signal; resume with the same command")
@@ -235,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m experiments.small_products.small_products " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {"command": command.strip(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "args": vars(args),
            "results": results, "runs": record}
-    (work / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    (work / f"results_{args.image_size}{args.tag}.json").write_text(json.dumps(out, indent=2, default=str))
     for split in data["clean"]:
         print(tables(results, split, args.regimes))
     for arm, by_split in results.items():
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm, entry in record.items():
         print(f"\n{arm}: box rule {entry['box_rule']} ({entry['grounding_map']}); sweep {json.dumps(entry['box_rule_sweep'])}")
         print(f"{arm}: {entry['train_seconds']} s, {entry['samples_per_s']} samples/s; losses {entry['losses']['final']}")
-    print(f"results: {work / 'results.json'}")
+    print(f"results: {work / f'results_{args.image_size}{args.tag}.json'}")
     return 0
 
 

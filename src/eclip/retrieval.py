@@ -27,10 +27,15 @@ def image_text_query(
     """(B, D) unit query vectors for image i plus text i. field="global" (an index of global
     embeddings) takes the global embedding as the image side; readout, when given, reads the
     decoder as that instead of the model's config. `model`: ECLIP or the ONNX encoder."""
-    if not 0.0 <= text_weight <= 1.0:
-        raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
     if field == "global":
         image_vec = encoding.global_embedding
     else:
         image_vec = model.text_guided_embedding(encoding, texts, readout)
+    return mix_query(image_vec, texts, text_weight)
+
+
+def mix_query(image_vec: torch.Tensor, texts: torch.Tensor, text_weight: float) -> torch.Tensor:
+    """(B, D) normalise((1 - w) * image side + w * text): the query of an image plus a text."""
+    if not 0.0 <= text_weight <= 1.0:
+        raise ValueError(f"text_weight must be in [0, 1], got {text_weight}")
     return F.normalize((1 - text_weight) * image_vec + text_weight * texts, dim=-1)

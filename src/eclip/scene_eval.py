@@ -16,23 +16,33 @@ regime name (keys `by_<grouping>/<group>/<metric>`, each group with its `num_sce
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .data.catalog import Product, ProductImage
 from .data.dataset import ImageStore
+from .data.transforms import normalize
 from .evaluation import (
     encoded_batches,
     ground_encoded,
     grounding_metrics,
+    point_in_box,
     ranks_metrics,
 )
-from .model.eclip import ECLIP, ImageEncoding
-from .retrieval import image_text_query
+from .model.eclip import ECLIP
+from .model.grounding import box_iou, peak_point
+from .retrieval import image_text_query, mix_query
+from .tiling import (
+    crop_tiles,
+    ground_tiled_from,
+    tile_boxes,
+    tiled_product_vectors,
+    tiled_text_guided,
+)
 
 logger = logging.getLogger("eclip.evaluation")
 
@@ -53,6 +63,10 @@ TABLE_METRICS = (
     "scene_grounding_acc50_random_box",
     "scene_grounding_pointing",
     "scene_grounding_pointing_random",
+    "scene_to_catalog_tiled_map10",
+    "scene_to_catalog_tiled_hinted_map10",
+    "scene_grounding_tiled_acc50",
+    "scene_grounding_tiled_pointing",
 )
 
 
@@ -116,11 +130,15 @@ def evaluate_scenes(
     occlusion_edges: Sequence[float] = OCCLUSION_EDGES,
     readout: str | None = None,
     grounding_map: str | None = None,
+    tiles: int = 0,
 ) -> dict[str, float]:
     """Scene-to-catalog retrieval (mAP@10, R@1, R@10), text-free and hinted with the category
     (`scene_to_catalog_hinted_*`, scenes whose product has a category), and grounding
     (Acc@IoU0.5, mean IoU, pointing game, with their random floors), overall and by group
     (`group_by`, buckets by the edges). Each scene goes through the image tower once.
+    tiles >= 2 also reads each scene as tiles (`eclip.tiling`, the whole scene and tiles x
+    tiles crops, in the same pass): `scene_to_catalog_tiled_*`, `scene_to_catalog_tiled_hinted_*`
+    and `scene_grounding_tiled_*`.
     Products are matched by product_id; a scene whose product is not in the catalog has no
     right answer and is left out (counted). readout and grounding_map, when given, are passed
     to the model's methods (else its config decides)."""
@@ -155,33 +173,48 @@ def evaluate_scenes(
     hints = dict(zip(categories, model.encode_text([hint_template.format(c) for c in categories]))) if categories else {}
 
     boxes = [scene_products[p].images[i].box if ground else None for p, i in scenes]
-    scene_emb, hinted_emb, ious, points = [], [], np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)
-    offset = 0  # the batch's first scene
-    for chunk, images, encoding in encoded_batches(model, ImageStore(scene_products, model.image_size), scenes, batch_size, "scenes", progress):
-        scene_emb.append(model.product_embedding_from(encoding, readout).float().cpu())
+    tile_list = tile_boxes(tiles) if tiles >= 2 else None
+    per_batch = max(1, batch_size // len(tile_list)) if tile_list else batch_size
+    queries: dict[str, list[torch.Tensor]] = {"": [], "hinted_": []} | ({"tiled_": [], "tiled_hinted_": []} if tile_list else {})
+    found = {prefix: (np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)) for prefix in (["", "tiled_"] if tile_list else [""])}
+    store = ImageStore(scene_products, model.image_size)
+    for start in tqdm(range(0, len(scenes), per_batch), desc="scenes", unit="batch", disable=not progress, leave=False):
+        chunk = scenes[start : start + per_batch]
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+        encoding = model.encode_image(crop_tiles(images, tile_list) if tile_list else images)
+        # tile 0 is the whole scene: the untiled reading comes from the same pass
+        whole = encoding.take(list(range(0, len(chunk) * len(tile_list), len(tile_list)))) if tile_list else encoding
+        queries[""].append(model.product_embedding_from(whole, readout).float().cpu()[:, None])
         hinted = [k for k, (p, _) in enumerate(chunk) if scene_products[p].category in hints]
         if hinted:
             texts = torch.stack([hints[scene_products[chunk[k][0]].category] for k in hinted])
-            query = image_text_query(model, _rows(encoding, hinted), texts, hint_weight, readout=readout)
-            hinted_emb.append(query.float().cpu())
-        chunk_boxes = boxes[offset : offset + len(chunk)]
-        if ground:
+            query = image_text_query(model, whole.take(hinted), texts, hint_weight, readout=readout)
+            queries["hinted_"].append(query.float().cpu()[:, None])
+        if tile_list:
+            queries["tiled_"].append(tiled_product_vectors(model, encoding, len(chunk), readout).float().cpu())
+            if hinted:
+                rows = [k * len(tile_list) + t for k in hinted for t in range(len(tile_list))]
+                side, _ = tiled_text_guided(model, encoding.take(rows), texts, readout)
+                queries["tiled_hinted_"].append(mix_query(side, texts, hint_weight).float().cpu()[:, None])
+        chunk_boxes = boxes[start : start + len(chunk)]
+        boxed = [k for k, box in enumerate(chunk_boxes) if box is not None]
+        if ground and boxed:
             texts = torch.stack([titles[p] for p, _ in chunk])
-            chunk_ious, chunk_points = ground_encoded(model, encoding, tuple(images.shape[-2:]), texts, chunk_boxes, grounding_map)
-            boxed = offset + np.array([k for k, box in enumerate(chunk_boxes) if box is not None], dtype=int)
-            ious[boxed], points[boxed] = chunk_ious, chunk_points
-        offset += len(chunk)
+            ious, points = ground_encoded(model, whole, tuple(images.shape[-2:]), texts, chunk_boxes, grounding_map)
+            found[""][0][start + np.array(boxed)], found[""][1][start + np.array(boxed)] = ious, points
+            if tile_list:
+                grounding = ground_tiled_from(model, encoding, tile_list, texts, tuple(images.shape[-2:]), grounding_map)
+                for k in boxed:
+                    found["tiled_"][0][start + k] = box_iou(grounding.boxes[k], chunk_boxes[k])
+                    found["tiled_"][1][start + k] = point_in_box(peak_point(grounding.heatmaps[k].numpy()), chunk_boxes[k])
 
     has_hint = np.array([scene_products[p].category in hints for p, _ in scenes], dtype=bool)
     per_scene = _PerScene(
-        scene_emb=torch.cat(scene_emb).numpy(),
-        hinted_emb=torch.cat(hinted_emb).numpy() if hinted_emb else np.zeros((0, gallery_emb.shape[1]), np.float32),
-        hinted_row=np.cumsum(has_hint) - 1,  # scene -> its row in hinted_emb
+        queries={name: torch.cat(parts).numpy() for name, parts in queries.items() if parts},
         has_hint=has_hint,
         gallery_emb=gallery_emb,
         relevant=scene_pid[:, None] == gallery_pid[None, :],
-        ious=ious,
-        points=points,
+        found=found,
         boxes=boxes,
     )
     results: dict[str, float] = {"num_scenes": len(scenes), "num_gallery": len(gallery), "scene_unmatched_products": unmatched}
@@ -197,22 +230,6 @@ def evaluate_scenes(
     return results
 
 
-def _rows(encoding: ImageEncoding, rows: list[int]) -> ImageEncoding:
-    """The encoding of some of the batch's images."""
-    if rows == list(range(len(encoding.global_embedding))):
-        return encoding
-    index = torch.tensor(rows)
-    pick = lambda t: None if t is None else t[index]  # noqa: E731
-    return dataclasses.replace(
-        encoding,
-        global_embedding=encoding.global_embedding[index],
-        instances=pick(encoding.instances),
-        productness=pick(encoding.productness),
-        attention=pick(encoding.attention),
-        tokens=encoding.tokens[index],
-    )
-
-
 def _group_order(grouping: str, groups: list[dict[str, str]], area_edges, distractor_edges, occlusion_edges) -> list[str]:
     """The groups of one grouping in bucket order (regimes by name)."""
     if grouping == "area":
@@ -225,31 +242,33 @@ def _group_order(grouping: str, groups: list[dict[str, str]], area_edges, distra
 
 
 class _PerScene:
-    """What one pass recorded per scene, and the metrics of any subset of the scenes."""
+    """What one pass recorded per scene, and the metrics of any subset of the scenes.
+    queries: metric prefix -> (scenes, V, D) query vectors, a gallery item scoring its best
+    match among a scene's V ("hinted" sets hold the scenes with a hint only); found: prefix ->
+    (IoU, pointing hit) per scene, NaN where the scene has no box."""
 
-    def __init__(self, scene_emb, hinted_emb, hinted_row, has_hint, gallery_emb, relevant, ious, points, boxes):
-        self.scene_emb, self.hinted_emb, self.hinted_row, self.has_hint = scene_emb, hinted_emb, hinted_row, has_hint
-        self.gallery_emb, self.relevant = gallery_emb, relevant
-        self.ious, self.points, self.boxes = ious, points, boxes
+    def __init__(self, queries, has_hint, gallery_emb, relevant, found, boxes):
+        self.queries, self.has_hint, self.gallery_emb, self.relevant = queries, has_hint, gallery_emb, relevant
+        self.hinted_row = np.cumsum(has_hint) - 1  # scene -> its row in a hinted set
+        self.found, self.boxes = found, boxes
 
     def metrics(self, rows: np.ndarray) -> dict[str, float]:
         out: dict[str, float] = {"num_scenes": len(rows)}
-        m = ranks_metrics(self.scene_emb[rows] @ self.gallery_emb.T, self.relevant[rows], ks=(1, 10))
-        out |= {"scene_to_catalog_map10": m["map10"], "scene_to_catalog_r1": m["r1"], "scene_to_catalog_r10": m["r10"]}
         hinted = rows[self.has_hint[rows]]
-        if len(hinted):
-            queries = self.hinted_emb[self.hinted_row[hinted]]
-            m = ranks_metrics(queries @ self.gallery_emb.T, self.relevant[hinted], ks=(1, 10))
-            out |= {
-                "num_hinted_scenes": len(hinted),
-                "scene_to_catalog_hinted_map10": m["map10"],
-                "scene_to_catalog_hinted_r1": m["r1"],
-                "scene_to_catalog_hinted_r10": m["r10"],
-            }
+        for prefix, vectors in self.queries.items():
+            subset, picked = (hinted, self.hinted_row[hinted]) if "hinted" in prefix else (rows, rows)
+            if not len(subset):
+                continue
+            scores = np.einsum("qvd,gd->qvg", vectors[picked], self.gallery_emb).max(axis=1)
+            m = ranks_metrics(scores, self.relevant[subset], ks=(1, 10))
+            out |= {f"scene_to_catalog_{prefix}map10": m["map10"], f"scene_to_catalog_{prefix}r1": m["r1"],
+                    f"scene_to_catalog_{prefix}r10": m["r10"]}
+            if prefix == "hinted_":
+                out["num_hinted_scenes"] = len(subset)
         boxed = [r for r in rows if self.boxes[r] is not None]
-        out |= grounding_metrics(
-            [float(self.ious[r]) for r in boxed], [bool(self.points[r]) for r in boxed], [self.boxes[r] for r in boxed], "scene_grounding_"
-        )
+        for prefix, (ious, points) in self.found.items():
+            metrics = grounding_metrics([float(ious[r]) for r in boxed], [bool(points[r]) for r in boxed], [self.boxes[r] for r in boxed], "")
+            out |= {f"scene_grounding_{prefix}{k}": v for k, v in metrics.items() if not (prefix and "random" in k)}
         return out
 
 

@@ -255,7 +255,7 @@ def _eval_scenes(args) -> int:
     catalog, _ = load_catalog(args.catalog)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
     results = evaluate_scenes(model, scenes, catalog, batch_size=args.batch_size, progress=not args.no_progress and not args.json, group_by=group_by,
-                              readout=args.readout, grounding_map=args.grounding_map)
+                              readout=args.readout, grounding_map=args.grounding_map, tiles=args.tiles, hint_weight=args.hint_weight)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--catalog", required=True, help="clean catalog of the same products (the gallery)")
     es.add_argument("--batch-size", type=int, default=128)
     es.add_argument("--group-by", default="area,distractors,occlusion,regime", help="metric tables by these scene groupings, comma separated, from area, distractors, occlusion, regime (default: all four)")
+    es.add_argument("--tiles", type=int, default=0, metavar="N",
+                    help="also read each scene as N x N overlapping crops plus the whole (scene_to_catalog_tiled_*, scene_grounding_tiled_*); 0: whole scenes only")
+    es.add_argument("--hint-weight", type=_probability, default=0.5, help="weight of the category hint in the hinted query (0..1)")
     es.add_argument("--json", action="store_true", help="print every metric, grouped ones included, as JSON")
     _read_options(es)
     es.add_argument("--no-progress", action="store_true")

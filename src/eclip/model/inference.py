@@ -34,6 +34,15 @@ class ImageEncoding:
     # with the encoding (the ONNX graph does); None: computed on demand
     product: torch.Tensor | None = None
 
+    def take(self, rows: list[int] | torch.Tensor) -> ImageEncoding:
+        """The encoding of some of the batch's images, in the order of `rows`."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.global_embedding.device)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return ImageEncoding(
+            pick(self.global_embedding), pick(self.instances), pick(self.productness), pick(self.attention),
+            pick(self.tokens), self.grid, pick(self.product),
+        )
+
 
 @dataclass
 class Grounding:

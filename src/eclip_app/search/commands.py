@@ -77,9 +77,9 @@ def _search(args) -> int:
     except (IndexFolderError, FileNotFoundError, ValueError) as error:
         return _fail("search", error)
     if query_image is not None and args.text is not None:
-        rows = searcher.search_image_text(query_image, args.text, args.k, text_weight=args.text_weight)
+        rows = searcher.search_image_text(query_image, args.text, args.k, text_weight=args.text_weight, tiles=args.tiles)
     elif query_image is not None:
-        rows = searcher.search_image(query_image, args.k)
+        rows = searcher.search_image(query_image, args.k, tiles=args.tiles)
     else:
         rows = searcher.search_text(args.text, args.k)
 
@@ -149,6 +149,8 @@ def add_search_commands(sub) -> None:
     se.add_argument("-k", type=int, default=10, help="number of products")
     se.add_argument("--ground", action="store_true", help="box of the matching product in each result image")
     se.add_argument("--text-weight", type=float, default=0.5, help="weight of the text with --image and --text (0..1)")
+    se.add_argument("--tiles", type=int, default=0, metavar="N",
+                    help="also read the query image as N x N overlapping crops, for a product small in the photo (0: whole image only)")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.set_defaults(func=_search)
 

@@ -10,6 +10,12 @@ Image + text: the query photo may show several products, and the text says which
 should differ. The query vector is `eclip.retrieval.image_text_query`: the text-guided instance
 (with an instance decoder) plus the text, renormalised; each modality weighs the same
 (`text_weight` changes that).
+
+Tiles (`tiles=N`, N >= 2): the query photo is also cut into N x N overlapping crops
+(`eclip.tiling`), each read as an image, so a product a tenth of the photo is read at a larger
+scale. Text-free, every tile is a query vector and a product scores its best match; with a
+text, the instance (or, on a global index, the tile) the text matches best is the image side;
+grounding looks inside the tile the text matches best.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ from PIL import Image
 from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.io import load_model
 from eclip.model.eclip import ECLIP
-from eclip.retrieval import image_text_query
+from eclip.retrieval import image_text_query, mix_query
+from eclip.tiling import (
+    ground_tiled,
+    pil_tiles,
+    tile_boxes,
+    tiled_product_vectors,
+    tiled_text_guided,
+)
 
 from .index import Hit, IndexFolderError, ProductIndex
 
@@ -82,25 +95,42 @@ class Searcher:
     def embed_text(self, text: str) -> np.ndarray:
         return self.model.encode_text([text])[0].float().cpu().numpy()
 
-    @torch.inference_mode()
-    def embed_image(self, image: Image.Image) -> np.ndarray:
-        encoding = self.model.encode_image(self._pixels([image]))
-        vec = encoding.global_embedding if self.field == "global" else self.model.product_embedding_from(encoding)
-        return vec[0].float().cpu().numpy()
+    def _tile_pixels(self, image: Image.Image, tiles: int) -> torch.Tensor:
+        """(T, 3, S, S) the photo's tiles, cut at full resolution, normalised."""
+        return normalize(pil_tiles(image.convert("RGB"), tile_boxes(tiles), self.model.image_size)).to(self.device)
 
     @torch.inference_mode()
-    def embed_image_text(self, image: Image.Image, text: str, text_weight: float = 0.5) -> np.ndarray:
+    def embed_image(self, image: Image.Image, tiles: int = 0) -> np.ndarray:
+        """(D,) the photo's query vector, or (T, D) one per tile with tiles >= 2."""
+        encoding = self.model.encode_image(self._tile_pixels(image, tiles) if tiles >= 2 else self._pixels([image]))
+        readout = "global" if self.field == "global" else None
+        vectors = tiled_product_vectors(self.model, encoding, 1, readout)[0]  # (T, D), T = 1 untiled
+        return vectors.float().cpu().numpy() if tiles >= 2 else vectors[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_image_text(self, image: Image.Image, text: str, text_weight: float = 0.5, tiles: int = 0) -> np.ndarray:
         """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
-        encoding = self.model.encode_image(self._pixels([image]))
         text_vec = self.model.encode_text([text])  # (1, D)
+        if tiles >= 2:
+            encoding = self.model.encode_image(self._tile_pixels(image, tiles))
+            side, _ = tiled_text_guided(self.model, encoding, text_vec, "global" if self.field == "global" else None)
+            return mix_query(side, text_vec, text_weight)[0].float().cpu().numpy()
+        encoding = self.model.encode_image(self._pixels([image]))
         query = image_text_query(self.model, encoding, text_vec, text_weight, self.field)
         return query[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------ search
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[SearchRow]:
-        hits = self.index.search_hits(vector[None, :], k)[0]
-        return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
+        """Top k for one query vector (D,), or for several (V, D): a product scores its best match."""
+        vectors = vector[None, :] if vector.ndim == 1 else vector
+        best: dict[str, Hit] = {}
+        for hits in self.index.search_hits(vectors, k):  # each vector's top k holds the merged top k
+            for hit in hits:
+                if hit.product_id not in best or hit.score > best[hit.product_id].score:
+                    best[hit.product_id] = hit
+        ranked = sorted(best.values(), key=lambda hit: -hit.score)[:k]
+        return [self._row(rank, hit) for rank, hit in enumerate(ranked, start=1)]
 
     def _row(self, rank: int, hit: Hit) -> SearchRow:
         meta = self.index.metadata(hit.product_id)
@@ -112,19 +142,24 @@ class Searcher:
             raise ValueError("empty query text")
         return self.search_vector(self.embed_text(text), k)
 
-    def search_image(self, image: Image.Image, k: int = 10) -> list[SearchRow]:
-        return self.search_vector(self.embed_image(image), k)
+    def search_image(self, image: Image.Image, k: int = 10, tiles: int = 0) -> list[SearchRow]:
+        return self.search_vector(self.embed_image(image, tiles), k)
 
-    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5) -> list[SearchRow]:
+    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5, tiles: int = 0) -> list[SearchRow]:
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self.search_vector(self.embed_image_text(image, text, text_weight), k)
+        return self.search_vector(self.embed_image_text(image, text, text_weight, tiles), k)
 
     # ------------------------------------------------------------------ grounding
 
-    def ground(self, image: Image.Image, text: str) -> GroundResult:
-        """Where in `image` is the product that `text` describes (model.ground)."""
-        grounding = self.model.ground(self._pixels([image]), [text])
+    def ground(self, image: Image.Image, text: str, tiles: int = 0) -> GroundResult:
+        """Where in `image` is the product that `text` describes (model.ground; with tiles >= 2,
+        inside the tile the text matches best)."""
+        if tiles >= 2:
+            with torch.inference_mode():
+                grounding = ground_tiled(self.model, self._pixels([image]), self.model.encode_text([text]), tiles)
+        else:
+            grounding = self.model.ground(self._pixels([image]), [text])
         box = tuple(float(v) for v in grounding.boxes[0])
         w, h = image.size
         pixels = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))

@@ -1,0 +1,140 @@
+"""Tiles: the whole photo plus overlapping crops of it, each resized to the model's input.
+
+A product a tenth of the photo covers a handful of the image tower's tokens; in a crop a
+quarter of the photo it covers four times as many. A tiled query encodes each tile as an image
+of its own (slicing, as SAHI does for small-object detection) and reads the tile, or the
+instance, that matches best. Boxes are (x0, y0, x1, y1) fractions of the image; tile 0 is
+always the whole image, so a tiled reading can fall back to the untiled one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data.transforms import to_uint8_tensor
+from .model.grounding import upsample_heatmap
+from .model.inference import Grounding, ImageEncoding, Inference
+
+Box = tuple[float, float, float, float]
+
+
+def tile_boxes(grid: int, overlap: float = 0.25) -> list[Box]:
+    """The whole image, then `grid` x `grid` square crops overlapping by `overlap` of a crop's
+    side, row by row. grid 0 or 1: the whole image alone."""
+    if grid < 0 or not 0.0 <= overlap < 1.0:
+        raise ValueError(f"tiles need grid >= 0 and 0 <= overlap < 1, got grid={grid}, overlap={overlap}")
+    boxes = [(0.0, 0.0, 1.0, 1.0)]
+    if grid < 2:
+        return boxes
+    side = 1.0 / (grid - (grid - 1) * overlap)
+    step = side * (1.0 - overlap)
+    for row in range(grid):
+        for col in range(grid):
+            x0, y0 = col * step, row * step
+            boxes.append((x0, y0, min(1.0, x0 + side), min(1.0, y0 + side)))
+    return boxes
+
+
+def crop_tiles(images: torch.Tensor, boxes: list[Box]) -> torch.Tensor:
+    """(B, C, H, W) float images -> (B * T, C, H, W): each image's tiles in `boxes` order,
+    resized back to the image's size (bilinear). Works on normalised images as they are."""
+    b, _, h, w = images.shape
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        part = images[:, :, round(y0 * h) : max(round(y1 * h), round(y0 * h) + 1), round(x0 * w) : max(round(x1 * w), round(x0 * w) + 1)]
+        out.append(part if part.shape[-2:] == (h, w) else F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False))
+    return torch.stack(out, dim=1).flatten(0, 1)  # (B, T, C, H, W) -> (B * T, ...)
+
+
+def pil_tiles(image: Image.Image, boxes: list[Box], size: int) -> torch.Tensor:
+    """(T, 3, size, size) uint8: the tiles cut from the photo at its full resolution, then
+    resized, so a large photo's small product keeps its pixels."""
+    w, h = image.size
+    return torch.stack([
+        to_uint8_tensor(image.crop((round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h))), size) for x0, y0, x1, y1 in boxes
+    ])
+
+
+def box_in_image(box: Box, tile: Box) -> Box:
+    """A box in a tile's fractions -> the same box in the whole image's fractions."""
+    w, h = tile[2] - tile[0], tile[3] - tile[1]
+    return (tile[0] + box[0] * w, tile[1] + box[1] * h, tile[0] + box[2] * w, tile[1] + box[3] * h)
+
+
+def tile_count(encoding_rows: int, images: int) -> int:
+    """Tiles per image of an encoding of `images` tiled images."""
+    if images <= 0 or encoding_rows % images:
+        raise ValueError(f"an encoding of {encoding_rows} rows is not a whole number of tiles for {images} images")
+    return encoding_rows // images
+
+
+def tiled_product_vectors(model: Inference, encoding: ImageEncoding, images: int, readout: str | None = None) -> torch.Tensor:
+    """(B, T, D): each tile's product embedding (`product_embedding_from`), the query vectors
+    of a tiled text-free search; a catalog product scores its best match among them."""
+    vectors = model.product_embedding_from(encoding, readout)
+    return vectors.view(images, tile_count(len(vectors), images), -1)
+
+
+def tiled_text_guided(model: Inference, encoding: ImageEncoding, texts: torch.Tensor, readout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image side of an image-plus-text query over tiles, and the tile it came from.
+
+    texts (B, D), text i for image i; encoding of the B images' tiles, tile-major. With a
+    decoder: among every tile's instances, the one text i matches best (the selection of
+    `text_guided_embedding`, over all tiles), combined with its tile's global embedding as
+    the readout says. The baseline: the tile whose global embedding matches text i best.
+    Returns (B, D) unit vectors and (B,) tile indices."""
+    images = len(texts)
+    tiles = tile_count(len(encoding.global_embedding), images)
+    readout = model.config.resolve_readout(readout)
+    global_embedding = encoding.global_embedding.view(images, tiles, -1)  # (B, T, D)
+    rows = torch.arange(images)
+    if readout == "global":
+        tile = torch.einsum("btd,bd->bt", global_embedding, texts).argmax(dim=1)
+        return global_embedding[rows, tile], tile
+    instances = encoding.instances.view(images, tiles * encoding.instances.shape[1], -1)  # (B, T*M, D)
+    best = torch.einsum("bvd,bd->bv", instances, texts).argmax(dim=1)
+    tile = best // encoding.instances.shape[1]
+    instance = instances[rows, best]
+    if readout == "mix":
+        instance = F.normalize(instance + global_embedding[rows, tile], dim=-1)
+    return instance, tile
+
+
+def best_match_scores(vectors: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """(Q, V, D) query vectors and (G, D) gallery -> (Q, G): each gallery item's best match."""
+    return torch.einsum("qvd,gd->qvg", vectors, gallery).amax(dim=1)
+
+
+@torch.no_grad()
+def ground_tiled(
+    model: Inference, images: torch.Tensor, texts: torch.Tensor, grid: int, overlap: float = 0.25, grounding_map: str | None = None
+) -> Grounding:
+    """`Inference.ground` inside the tile text i matches best (`tiled_text_guided`): images
+    (B, 3, S, S) normalised, texts (B, D). The heat map is the tile's, pasted into the whole
+    image's frame (zero elsewhere); the box is the tile's box in the whole image's fractions."""
+    boxes = tile_boxes(grid, overlap)
+    encoding = model.encode_image(crop_tiles(images, boxes))
+    return ground_tiled_from(model, encoding, boxes, texts, tuple(images.shape[-2:]), grounding_map)
+
+
+def ground_tiled_from(
+    model: Inference, encoding: ImageEncoding, boxes: list[Box], texts: torch.Tensor, size: tuple[int, int], grounding_map: str | None = None
+) -> Grounding:
+    """`ground_tiled` from the encoding of the images' tiles (`boxes`, tile-major)."""
+    _, tile = tiled_text_guided(model, encoding, texts)
+    picked = encoding.take(torch.arange(len(texts), device=tile.device) * len(boxes) + tile)
+    maps, index = model.heatmaps_from(picked, texts, grounding_map)
+    h, w = size
+    tile_maps = upsample_heatmap(maps, (h, w)).float().cpu()
+    heatmaps = torch.zeros(len(texts), h, w)
+    found = []
+    for b, t in enumerate(tile.tolist()):
+        x0, y0, x1, y1 = boxes[t]
+        top, left = round(y0 * h), round(x0 * w)
+        bottom, right = max(round(y1 * h), top + 1), max(round(x1 * w), left + 1)
+        pasted = F.interpolate(tile_maps[b][None, None], size=(bottom - top, right - left), mode="bilinear", align_corners=False)
+        heatmaps[b, top:bottom, left:right] = pasted[0, 0]
+        found.append(box_in_image(model.box_from_heatmap(tile_maps[b].numpy(), grounding_map), boxes[t]))
+    return Grounding(heatmaps=heatmaps, boxes=found, query_index=index)
