@@ -41,6 +41,7 @@ from eclip.io import load_model
 from eclip.model import ECLIP
 from eclip.model.grounding import box_iou, peak_point, upsample_heatmap
 from eclip.scene_eval import HINT_TEMPLATE
+from eclip.tiling import best_match_scores, box_in_image, crop_tiles, tile_boxes
 from experiments.small_products.small_products import parse_args as experiment_args
 from experiments.small_products.small_products import prepare
 
@@ -48,47 +49,10 @@ logger = logging.getLogger("eclip.experiments.readouts")
 CLEAN_KEYS = ("classification_top1", "classification_macro_f1", "attribute_baseColour_top1", "text_to_product_r10", "linear_probe_category_top1")
 
 
-def crops(grid: int, overlap: float = 0.25) -> list[tuple[float, float, float, float]]:
-    """(x0, y0, x1, y1) fractions: the whole image, then grid x grid crops overlapping by
-    `overlap` of a crop's side."""
-    boxes = [(0.0, 0.0, 1.0, 1.0)]
-    if grid < 2:
-        return boxes
-    side = 1.0 / (grid - (grid - 1) * overlap)
-    step = side * (1 - overlap)
-    for row in range(grid):
-        for col in range(grid):
-            boxes.append((col * step, row * step, col * step + side, row * step + side))
-    return boxes
-
-
-def crop_batch(images: torch.Tensor, boxes: list[tuple[float, float, float, float]]) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> (B * C, 3, S, S) normalised: each image's crops in order, resized."""
-    size = images.shape[-1]
-    out = []
-    for image in images:
-        for x0, y0, x1, y1 in boxes:
-            a, b, c, d = round(y0 * size), round(y1 * size), round(x0 * size), round(x1 * size)
-            part = image[:, a:b, c:d].float()[None]
-            out.append(F.interpolate(part, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
-    return normalize(torch.stack(out).round().clamp(0, 255).to(torch.uint8))
-
-
-def best_match(vectors: torch.Tensor, gallery: torch.Tensor) -> np.ndarray:
-    """(Q, V, D) query vectors, (G, D) gallery -> (Q, G): each product's best match."""
-    return torch.einsum("qvd,gd->qvg", vectors, gallery).max(dim=1).values.numpy()
-
-
-def map_box(box: tuple[float, ...], crop: tuple[float, ...]) -> tuple[float, ...]:
-    """A box in a crop's fractions -> the same box in the whole image's fractions."""
-    w, h = crop[2] - crop[0], crop[3] - crop[1]
-    return (crop[0] + box[0] * w, crop[1] + box[1] * h, crop[0] + box[2] * w, crop[1] + box[3] * h)
-
-
 @torch.no_grad()
 def study(model: ECLIP, scenes: list[Product], clean: list[Product], grid: int, hint_weights: list[float], batch: int) -> dict:
     decoder = model.config.has_decoder
-    boxes = crops(grid)
+    boxes = tile_boxes(grid)
     n_crops = len(boxes)
     catalog_index = {p.product_id: i for i, p in enumerate(clean)}
     store = ImageStore(clean, model.image_size)
@@ -107,7 +71,7 @@ def study(model: ECLIP, scenes: list[Product], clean: list[Product], grid: int, 
     per_image = max(1, batch // n_crops)
     for start in range(0, len(slots), per_image):
         chunk = slots[start : start + per_image]
-        encoding = model.encode_image(crop_batch(torch.stack([scene_store.get(p, i) for p, i in chunk]), boxes))
+        encoding = model.encode_image(crop_tiles(normalize(torch.stack([scene_store.get(p, i) for p, i in chunk])), boxes))
         b = len(chunk)
         product = model.product_embedding_from(encoding).float().view(b, n_crops, -1)
         reads = {"whole": product[:, :1], "tiles": product}
@@ -116,7 +80,7 @@ def study(model: ECLIP, scenes: list[Product], clean: list[Product], grid: int, 
             reads["whole, any instance"] = instances[:, 0]
             reads["tiles, any instance"] = instances.flatten(1, 2)
         for name, vectors in reads.items():
-            scores.setdefault(name, []).append(best_match(vectors, gallery))
+            scores.setdefault(name, []).append(best_match_scores(vectors, gallery).numpy())
         hint = torch.stack([hints[scenes[p].category] for p, _ in chunk]).float()  # (b, D)
         title = titles[[p for p, _ in chunk]].float()
         for where, candidates in (("whole", slice(0, 1)), ("tiles", slice(0, n_crops))):
@@ -136,7 +100,7 @@ def study(model: ECLIP, scenes: list[Product], clean: list[Product], grid: int, 
                 continue
             best = int(text_scores[k, :, k].argmax())
             for name, c in (("whole", 0), ("best crop", best)):
-                box = map_box(model.box_from_heatmap(heat[k, c]), boxes[c])
+                box = box_in_image(model.box_from_heatmap(heat[k, c]), boxes[c])
                 ious[name].append(box_iou(box, truth))
                 px, py = peak_point(heat[k, c])
                 x0, y0, x1, y1 = boxes[c]

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-regime", default="mixed")
     p.add_argument("--eval-regimes", default="small,large")
     p.add_argument("--scene-size", type=int, default=320, help="composed scenes' side in pixels")
-    p.add_argument("--image-size", type=int, default=224, help="model input")
+    p.add_argument("--image-size", type=int, default=320, help="model input (the eclip-lite preset's)")
     p.add_argument("--camera-probability", type=float, default=0.5)
     p.add_argument("--people-probability", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=250)
