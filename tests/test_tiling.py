@@ -12,12 +12,13 @@ from eclip.scene_eval import evaluate_scenes
 from eclip.tiling import (
     best_match_scores,
     box_in_image,
+    containing_tile,
     crop_tiles,
     ground_tiled,
     pil_tiles,
     tile_boxes,
+    tiled_hinted_vectors,
     tiled_product_vectors,
-    tiled_text_guided,
 )
 
 from .conftest import micro_config
@@ -71,24 +72,35 @@ def _encoding(global_embedding, instances):
                          torch.zeros(b, 4, 8), (2, 2))
 
 
-def test_the_text_picks_its_tile_and_instance():
+def test_each_tile_gives_the_text_guided_query():
     model = ECLIP(micro_config())
     eye = torch.eye(8)
-    # two images x three tiles x two instances; text 0 matches instance 1 of tile 2, text 1 instance 0 of tile 1
+    # two images x three tiles x two instances; text 0 matches instance 1 of its tile 2
     instances = torch.zeros(6, 2, 8)
     instances[:, :, 7] = 1.0
     instances[2, 1] = eye[0]
-    instances[4, 0] = eye[1]
     encoding = _encoding(torch.nn.functional.normalize(torch.ones(6, 8), dim=-1), instances)
-    side, tile = tiled_text_guided(model, encoding, eye[:2], readout="instance")
-    assert tile.tolist() == [2, 1]
-    assert torch.equal(side, eye[:2])
-    # the baseline reading picks the tile by its global embedding
-    globals_ = torch.stack([eye[5], eye[5], eye[0], eye[1], eye[5], eye[5]])
-    _, tile = tiled_text_guided(model, _encoding(globals_, instances), eye[:2], readout="global")
-    assert tile.tolist() == [2, 0]
+    vectors = tiled_hinted_vectors(model, encoding, eye[:2], text_weight=0.0, readout="instance")
+    assert vectors.shape == (2, 3, 8)
+    assert torch.allclose(vectors[0, 2], eye[0], atol=1e-3)  # the instance text 0 selects there (softmax at 0.1)
+    assert torch.allclose(vectors[1, 0], eye[7], atol=1e-5)  # nothing there matches text 1 better than the rest
+    mixed = tiled_hinted_vectors(model, encoding, eye[:2], text_weight=0.5, readout="instance")
+    assert torch.allclose(mixed[1, 0], torch.nn.functional.normalize(eye[7] + eye[1], dim=-1), atol=1e-5)
+    # the baseline reading: each tile's global embedding with the text
+    glob = tiled_hinted_vectors(model, encoding, eye[:2], text_weight=0.0, readout="global")
+    assert torch.allclose(glob, encoding.global_embedding.view(2, 3, 8))
     with pytest.raises(ValueError, match="whole number of tiles"):
         tiled_product_vectors(model, encoding, images=4)
+
+
+def test_containing_tile_zooms_only_where_the_box_fits():
+    boxes = tile_boxes(2)  # tiles of side 0.571, at 0 and 0.429
+    assert containing_tile((0.05, 0.05, 0.25, 0.3), boxes) == 1  # top left
+    assert containing_tile((0.7, 0.6, 0.9, 0.95), boxes) == 4  # bottom right
+    assert containing_tile((0.1, 0.1, 0.9, 0.9), boxes) == 0  # too large for a tile: the whole image
+    # in the overlap the nearest tile centre wins
+    assert containing_tile((0.45, 0.05, 0.55, 0.2), boxes) in (1, 2)
+    assert containing_tile((0.44, 0.05, 0.5, 0.2), boxes) == 1 and containing_tile((0.5, 0.05, 0.56, 0.2), boxes) == 2
 
 
 def test_best_match_is_the_maximum_over_a_query_s_vectors():
@@ -101,23 +113,24 @@ def test_best_match_is_the_maximum_over_a_query_s_vectors():
             assert scores[q, g] == pytest.approx(max(float(v @ gallery[g]) for v in vectors[q]))
 
 
-def test_tiled_grounding_stays_in_its_tile():
+def test_tiled_grounding_zooms_into_the_tile_holding_the_whole_image_box():
     torch.manual_seed(0)
     model = ECLIP(micro_config()).eval()
-    images = torch.randn(3, 3, model.image_size, model.image_size)
-    texts = model.encode_text(["a red tee", "a blue shoe", "a bag"])
+    images = torch.randn(4, 3, model.image_size, model.image_size)
+    texts = model.encode_text(["a red tee", "a blue shoe", "a bag", "a green cap"])
     grounding = ground_tiled(model, images, texts, grid=2)
-    boxes = tile_boxes(2)
-    with torch.no_grad():
-        _, tile = tiled_text_guided(model, model.encode_image(crop_tiles(images, boxes)), texts)
-    for b in range(3):
-        x0, y0, x1, y1 = boxes[int(tile[b])]
+    whole = model.ground(images, texts)
+    boxes, s = tile_boxes(2), model.image_size
+    for b in range(4):
+        t = containing_tile(whole.boxes[b], boxes)
+        x0, y0, x1, y1 = boxes[t]
         box = grounding.boxes[b]
         assert x0 - 1e-6 <= box[0] <= box[2] <= x1 + 1e-6 and y0 - 1e-6 <= box[1] <= box[3] <= y1 + 1e-6
-        s = model.image_size
         outside = torch.ones(s, s, dtype=torch.bool)
         outside[round(y0 * s) : round(y1 * s), round(x0 * s) : round(x1 * s)] = False
-        assert grounding.heatmaps[b][outside].abs().max() == 0.0 and grounding.heatmaps[b].max() > 0.5
+        assert grounding.heatmaps[b].max() > 0.5 and (not outside.any() or grounding.heatmaps[b][outside].abs().max() == 0.0)
+        if t == 0:  # nothing to zoom into: the untiled answer
+            assert box == pytest.approx(whole.boxes[b], abs=1e-6)
 
 
 @pytest.mark.parametrize("decoder", [True, False])

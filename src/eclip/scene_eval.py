@@ -35,13 +35,13 @@ from .evaluation import (
 )
 from .model.eclip import ECLIP
 from .model.grounding import box_iou, peak_point
-from .retrieval import image_text_query, mix_query
+from .retrieval import image_text_query
 from .tiling import (
     crop_tiles,
     ground_tiled_from,
     tile_boxes,
+    tiled_hinted_vectors,
     tiled_product_vectors,
-    tiled_text_guided,
 )
 
 logger = logging.getLogger("eclip.evaluation")
@@ -123,7 +123,7 @@ def evaluate_scenes(
     ground: bool = True,
     hint: bool = True,
     hint_template: str = HINT_TEMPLATE,
-    hint_weight: float = 0.5,
+    hint_weight: float = 0.25,
     group_by: Sequence[str] = GROUPINGS,
     area_edges: Sequence[float] = AREA_EDGES,
     distractor_edges: Sequence[int] = DISTRACTOR_EDGES,
@@ -194,8 +194,7 @@ def evaluate_scenes(
             queries["tiled_"].append(tiled_product_vectors(model, encoding, len(chunk), readout).float().cpu())
             if hinted:
                 rows = [k * len(tile_list) + t for k in hinted for t in range(len(tile_list))]
-                side, _ = tiled_text_guided(model, encoding.take(rows), texts, readout)
-                queries["tiled_hinted_"].append(mix_query(side, texts, hint_weight).float().cpu()[:, None])
+                queries["tiled_hinted_"].append(tiled_hinted_vectors(model, encoding.take(rows), texts, hint_weight, readout).float().cpu())
         chunk_boxes = boxes[start : start + len(chunk)]
         boxed = [k for k, box in enumerate(chunk_boxes) if box is not None]
         if ground and boxed:

@@ -2,8 +2,9 @@
 
 A product a tenth of the photo covers a handful of the image tower's tokens; in a crop a
 quarter of the photo it covers four times as many. A tiled query encodes each tile as an image
-of its own (slicing, as SAHI does for small-object detection) and reads the tile, or the
-instance, that matches best. Boxes are (x0, y0, x1, y1) fractions of the image; tile 0 is
+of its own (slicing, as SAHI does for small-object detection); a catalog product scores its
+best match over the tiles, and grounding zooms into the tile that holds what the whole image
+found. Boxes are (x0, y0, x1, y1) fractions of the image; tile 0 is
 always the whole image, so a tiled reading can fall back to the untiled one.
 """
 
@@ -16,6 +17,7 @@ from PIL import Image
 from .data.transforms import to_uint8_tensor
 from .model.grounding import upsample_heatmap
 from .model.inference import Grounding, ImageEncoding, Inference
+from .retrieval import mix_query
 
 Box = tuple[float, float, float, float]
 
@@ -77,29 +79,18 @@ def tiled_product_vectors(model: Inference, encoding: ImageEncoding, images: int
     return vectors.view(images, tile_count(len(vectors), images), -1)
 
 
-def tiled_text_guided(model: Inference, encoding: ImageEncoding, texts: torch.Tensor, readout: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image side of an image-plus-text query over tiles, and the tile it came from.
-
-    texts (B, D), text i for image i; encoding of the B images' tiles, tile-major. With a
-    decoder: among every tile's instances, the one text i matches best (the selection of
-    `text_guided_embedding`, over all tiles), combined with its tile's global embedding as
-    the readout says. The baseline: the tile whose global embedding matches text i best.
-    Returns (B, D) unit vectors and (B,) tile indices."""
+def tiled_hinted_vectors(
+    model: Inference, encoding: ImageEncoding, texts: torch.Tensor, text_weight: float = 0.5, readout: str | None = None
+) -> torch.Tensor:
+    """(B, T, D) the image-plus-text query of each tile: in tile t of image i, the instance text
+    i selects (`text_guided_embedding`; the global embedding for the baseline or readout
+    "global"), mixed with the text as `image_text_query` mixes. A catalog product scores its
+    best match over the tiles. texts (B, D); the encoding holds the B images' tiles, tile-major."""
     images = len(texts)
     tiles = tile_count(len(encoding.global_embedding), images)
-    readout = model.config.resolve_readout(readout)
-    global_embedding = encoding.global_embedding.view(images, tiles, -1)  # (B, T, D)
-    rows = torch.arange(images)
-    if readout == "global":
-        tile = torch.einsum("btd,bd->bt", global_embedding, texts).argmax(dim=1)
-        return global_embedding[rows, tile], tile
-    instances = encoding.instances.view(images, tiles * encoding.instances.shape[1], -1)  # (B, T*M, D)
-    best = torch.einsum("bvd,bd->bv", instances, texts).argmax(dim=1)
-    tile = best // encoding.instances.shape[1]
-    instance = instances[rows, best]
-    if readout == "mix":
-        instance = F.normalize(instance + global_embedding[rows, tile], dim=-1)
-    return instance, tile
+    repeated = texts.repeat_interleave(tiles, dim=0)  # (B * T, D): text i for each tile of image i
+    side = model.text_guided_embedding(encoding, repeated, readout)
+    return mix_query(side, repeated, text_weight).view(images, tiles, -1)
 
 
 def best_match_scores(vectors: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -107,13 +98,25 @@ def best_match_scores(vectors: torch.Tensor, gallery: torch.Tensor) -> torch.Ten
     return torch.einsum("qvd,gd->qvg", vectors, gallery).amax(dim=1)
 
 
+def containing_tile(box: Box, boxes: list[Box]) -> int:
+    """The tile (index >= 1) that holds `box` whole, the one whose centre is nearest the box's;
+    0 (the whole image) when none does."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    eps = 1e-6
+    holding = [t for t, (x0, y0, x1, y1) in enumerate(boxes) if t > 0 and x0 - eps <= box[0] and y0 - eps <= box[1]
+               and box[2] <= x1 + eps and box[3] <= y1 + eps]
+    return min(holding, key=lambda t: ((boxes[t][0] + boxes[t][2]) / 2 - cx) ** 2 + ((boxes[t][1] + boxes[t][3]) / 2 - cy) ** 2, default=0)
+
+
 @torch.no_grad()
 def ground_tiled(
     model: Inference, images: torch.Tensor, texts: torch.Tensor, grid: int, overlap: float = 0.25, grounding_map: str | None = None
 ) -> Grounding:
-    """`Inference.ground` inside the tile text i matches best (`tiled_text_guided`): images
-    (B, 3, S, S) normalised, texts (B, D). The heat map is the tile's, pasted into the whole
-    image's frame (zero elsewhere); the box is the tile's box in the whole image's fractions."""
+    """Coarse to fine: `Inference.ground` on the whole image, then again inside the tile that
+    holds the box found (`containing_tile`), when one does. images (B, 3, S, S) normalised,
+    texts (B, D). A product too large for a tile keeps its whole-image box; a small one is
+    grounded at the tile's larger scale. The heat map is the tile's, pasted into the whole
+    image's frame (zero elsewhere); boxes are fractions of the whole image."""
     boxes = tile_boxes(grid, overlap)
     encoding = model.encode_image(crop_tiles(images, boxes))
     return ground_tiled_from(model, encoding, boxes, texts, tuple(images.shape[-2:]), grounding_map)
@@ -123,14 +126,16 @@ def ground_tiled_from(
     model: Inference, encoding: ImageEncoding, boxes: list[Box], texts: torch.Tensor, size: tuple[int, int], grounding_map: str | None = None
 ) -> Grounding:
     """`ground_tiled` from the encoding of the images' tiles (`boxes`, tile-major)."""
-    _, tile = tiled_text_guided(model, encoding, texts)
-    picked = encoding.take(torch.arange(len(texts), device=tile.device) * len(boxes) + tile)
-    maps, index = model.heatmaps_from(picked, texts, grounding_map)
-    h, w = size
+    tiles, h, w = len(boxes), size[0], size[1]
+    first = torch.arange(len(texts), device=texts.device) * tiles
+    whole_maps, _ = model.heatmaps_from(encoding.take(first), texts, grounding_map)
+    whole = upsample_heatmap(whole_maps, (h, w)).float().cpu().numpy()
+    tile = [containing_tile(model.box_from_heatmap(m, grounding_map), boxes) for m in whole]
+    maps, index = model.heatmaps_from(encoding.take(first + torch.tensor(tile, device=first.device)), texts, grounding_map)
     tile_maps = upsample_heatmap(maps, (h, w)).float().cpu()
     heatmaps = torch.zeros(len(texts), h, w)
     found = []
-    for b, t in enumerate(tile.tolist()):
+    for b, t in enumerate(tile):
         x0, y0, x1, y1 = boxes[t]
         top, left = round(y0 * h), round(x0 * w)
         bottom, right = max(round(y1 * h), top + 1), max(round(x1 * w), left + 1)

@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--group-by", default="area,distractors,occlusion,regime", help="metric tables by these scene groupings, comma separated, from area, distractors, occlusion, regime (default: all four)")
     es.add_argument("--tiles", type=int, default=0, metavar="N",
                     help="also read each scene as N x N overlapping crops plus the whole (scene_to_catalog_tiled_*, scene_grounding_tiled_*); 0: whole scenes only")
-    es.add_argument("--hint-weight", type=_probability, default=0.5, help="weight of the category hint in the hinted query (0..1)")
+    es.add_argument("--hint-weight", type=_probability, default=0.25, help="weight of the category hint in the hinted query (0..1)")
     es.add_argument("--json", action="store_true", help="print every metric, grouped ones included, as JSON")
     _read_options(es)
     es.add_argument("--no-progress", action="store_true")

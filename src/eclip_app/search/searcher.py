@@ -13,9 +13,8 @@ should differ. The query vector is `eclip.retrieval.image_text_query`: the text-
 
 Tiles (`tiles=N`, N >= 2): the query photo is also cut into N x N overlapping crops
 (`eclip.tiling`), each read as an image, so a product a tenth of the photo is read at a larger
-scale. Text-free, every tile is a query vector and a product scores its best match; with a
-text, the instance (or, on a global index, the tile) the text matches best is the image side;
-grounding looks inside the tile the text matches best.
+scale. Every tile is a query vector (with a text: the tile's text-guided query) and a product
+scores its best match; grounding zooms into the tile that holds the whole image's box.
 """
 
 from __future__ import annotations
@@ -30,13 +29,13 @@ from PIL import Image
 from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.io import load_model
 from eclip.model.eclip import ECLIP
-from eclip.retrieval import image_text_query, mix_query
+from eclip.retrieval import image_text_query
 from eclip.tiling import (
     ground_tiled,
     pil_tiles,
     tile_boxes,
+    tiled_hinted_vectors,
     tiled_product_vectors,
-    tiled_text_guided,
 )
 
 from .index import Hit, IndexFolderError, ProductIndex
@@ -111,10 +110,10 @@ class Searcher:
     def embed_image_text(self, image: Image.Image, text: str, text_weight: float = 0.5, tiles: int = 0) -> np.ndarray:
         """normalise((1 - w) * image side + w * text), image side guided by the text (module doc)."""
         text_vec = self.model.encode_text([text])  # (1, D)
-        if tiles >= 2:
+        if tiles >= 2:  # (T, D): each tile's text-guided query
             encoding = self.model.encode_image(self._tile_pixels(image, tiles))
-            side, _ = tiled_text_guided(self.model, encoding, text_vec, "global" if self.field == "global" else None)
-            return mix_query(side, text_vec, text_weight)[0].float().cpu().numpy()
+            readout = "global" if self.field == "global" else None
+            return tiled_hinted_vectors(self.model, encoding, text_vec, text_weight, readout)[0].float().cpu().numpy()
         encoding = self.model.encode_image(self._pixels([image]))
         query = image_text_query(self.model, encoding, text_vec, text_weight, self.field)
         return query[0].float().cpu().numpy()
