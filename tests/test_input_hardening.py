@@ -139,3 +139,280 @@ def test_atomic_folder_that_raises_leaves_the_target(tmp_path):
         raise RuntimeError("half-way")
     assert _content(target) == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ----------------------------------------------------------------------------- catalogs
+
+
+def _png(path: Path, size=(16, 12)) -> str:
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 10, 10)).save(path)
+    return path.name
+
+
+def _bomb(path: Path, width: int = 11_000, height: int = 11_000) -> Path:
+    """A PNG whose header says width x height (121 megapixels) with only a few rows of data: if
+    anything decoded it, it would fail as truncated, not as too large."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\x00" * (width + 1) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+def _record(pid, **fields) -> str:
+    import json
+
+    return json.dumps({"product_id": pid, "title": f"Acme item {pid}", "images": ["a.png"], **fields})
+
+
+def test_catalog_bad_bytes_cost_one_line_and_a_bom_costs_nothing(tmp_path):
+    from eclip.data import load_catalog
+
+    _png(tmp_path / "a.png")
+    good = [_record(f"p{i}") for i in range(4)]
+    data = ("\ufeff" + good[0] + "\n").encode() + good[1].encode() + b"\n"
+    latin1 = b'{"product_id": "p9", "title": "Caf\xe9 latin-1 tee", "images": ["a.png"]}\n'  # one latin-1 byte
+    data += latin1
+    data += b'{"product_id": \n'  # not JSON
+    data += (good[2] + "\r\n" + good[3] + "\n").encode()
+    path = tmp_path / "catalog.jsonl"
+    path.write_bytes(data)
+    products, report = load_catalog(path)
+    assert [p.product_id for p in products] == ["p0", "p1", "p2", "p3"]  # the BOM did not cost p0
+    assert dict(report.skipped) == {"undecodable line": 1, "malformed line": 1}
+    column = latin1.index(bytes([0xE9])) + 1
+    assert report.problems[0] == f"{path}:3: not utf-8 (byte 0xe9 at column {column}); a catalog is UTF-8"
+    assert report.problems[1].startswith(f"{path}:4: malformed JSON")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_catalog_in_utf16_is_read_and_without_a_mark_refused(tmp_path, encoding):
+    from eclip.data import CatalogError, load_catalog
+
+    _png(tmp_path / "a.png")
+    text = "\n".join([_record("p1"), _record("p2", title="Théâtre tee ✓")]) + "\n"
+    path = tmp_path / "catalog.jsonl"
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # utf-16 and utf-32 write their own mark
+    path.write_bytes(bom + text.encode(encoding))
+    products, report = load_catalog(path)
+    assert [p.title for p in products] == ["Acme item p1", "Théâtre tee ✓"] and not report.skipped
+    path.write_bytes(text.encode("utf-16-le"))  # no byte-order mark
+    with pytest.raises(CatalogError, match=r"catalog .*catalog.jsonl: NUL bytes .*UTF-16 without a byte-order mark.*UTF-8"):
+        load_catalog(path)
+
+
+# each breaks the record schema in its own way: (fields, reason, words of the message); a bad
+# image entry also costs the product its only image ("no usable image")
+WRONG_RECORDS = {
+    "box of booleans": ({"images": [{"path": "a.png", "box": [True, False, True, True]}]}, "bad box", "four numbers"),
+    "box with NaN": ({"images": [{"path": "a.png", "box": [0, 0, float("nan"), 4]}]}, "bad box", "four numbers"),
+    "attributes as a list": ({"attributes": ["red", "cotton"]}, "wrong type", "'attributes' must be an object"),
+    "nested attribute": ({"attributes": {"colour": {"r": 1}}}, "wrong type", "'attributes' must be an object"),
+    "null id": ({"product_id": None}, "wrong type", "'product_id' must be a string or an integer, not null"),
+    "object as id": ({"product_id": {"sku": 1}}, "wrong type", "'product_id' must be a string or an integer"),
+    "boolean id": ({"product_id": True}, "wrong type", "'product_id' must be a string or an integer, not true"),
+    "list as title": ({"title": ["tee"]}, "wrong type", "'title' must be a string"),
+    "images as a string": ({"images": "a.png"}, "wrong type", "'images' must be a non-empty list"),
+    "category as an object": ({"category": {"a": 1}}, "wrong type", "'category' must be a string or null"),
+    "a list as the line": (None, "malformed line", "a line must be a JSON object, not list"),
+    "path with a NUL byte": ({"images": ["a\u0000.png"]}, "unreadable image", "not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_RECORDS))
+def test_records_of_the_wrong_type_are_reported_by_line(tmp_path, case):
+    import json
+
+    from eclip.data import load_catalog
+
+    _png(tmp_path / "a.png")
+    fields, reason, words = WRONG_RECORDS[case]
+    bad = json.dumps([1, 2]) if fields is None else json.dumps({**json.loads(_record("bad")), **fields})
+    path = tmp_path / "catalog.jsonl"
+    path.write_text("\n".join([_record("p1"), bad, _record(7, category=3, attributes={"size": 42, "sale": True})]) + "\n")
+    products, report = load_catalog(path)
+    assert [p.product_id for p in products] == ["p1", "7"]  # an integer id is fine, and read as text
+    assert products[1].category == "3" and products[1].attributes == {"size": 42, "sale": True}
+    image_level = reason in ("bad box", "unreadable image")
+    assert report.skipped == ({reason: 1, "no usable image": 1} if image_level else {reason: 1})
+    assert any(p.startswith(f"{path}:2: ") and words in p for p in report.problems), report.problems
+
+
+def test_cli_catalog_validate_reads_a_bad_byte_and_a_bom(tmp_path, capsys):
+    from eclip_app.cli import main
+
+    _png(tmp_path / "a.png")
+    path = tmp_path / "catalog.jsonl"
+    path.write_bytes(("\ufeff" + _record("p1") + "\n").encode() + b'{"product_id": "p2", "title": "\xff"}\n')
+    assert main(["-q", "catalog", "validate", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "1 products, 1 images kept; skipped: 1 undecodable line" in out.out and "Traceback" not in out.err
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+
+
+def test_a_121_megapixel_png_is_refused_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from eclip.data import ImageStore, load_catalog
+    from eclip.data.shards import decode_image
+    from eclip.data.transforms import ImageTooLarge, load_rgb, open_image
+
+    bomb = _bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 500_000
+
+    def no_decoding(self, *args):
+        raise AssertionError("an image over the limit was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageTooLarge, match="11000x11000 pixels is over the limit of 64,000,000"):
+        load_rgb(str(bomb))
+    with pytest.raises(ImageTooLarge):
+        decode_image(bomb.read_bytes(), 32)  # the shard reader's path
+    _png(tmp_path / "small.png", (20, 20))
+    with pytest.raises(ImageTooLarge, match="20x20 pixels is over the limit of 100"), open_image(tmp_path / "small.png", max_pixels=100):
+        pass
+    monkeypatch.undo()
+
+    _png(tmp_path / "a.png")
+    path = tmp_path / "catalog.jsonl"
+    path.write_text(_record("p1") + "\n" + _record("p2", images=["bomb.png", "a.png"]) + "\n" + _record("p3", images=["bomb.png"]) + "\n")
+    products, report = load_catalog(path)  # what training reads: the bomb is a counted, skipped image
+    assert [len(p.images) for p in products] == [1, 1]
+    assert report.skipped == {"image too large": 2, "no usable image": 1}
+    store = ImageStore(products, 16)
+    assert store.get(1, 0).shape == (3, 16, 16) and not store.failed
+
+
+def test_every_image_is_opened_through_the_pixel_check():
+    """`Image.open` appears only in the helper (and in the service's upload decoder, which
+    checks its own, configurable limit before decoding)."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    openers = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "Image.open(" in p.read_text())
+    assert openers == ["eclip/data/transforms.py", "eclip_app/search/serve.py"]
+
+
+# ----------------------------------------------------------------------------- CSV tables
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "data" / "images"
+    folder.mkdir(parents=True)
+    for i in range(1, 8):
+        _png(folder / f"{i}.jpg")
+    (tmp_path / "secret.jpg").write_bytes((folder / "1.jpg").read_bytes())  # outside the image root
+    return folder
+
+
+def _table(images: Path, rows: list[str], encoding: str = "utf-8") -> Path:
+    path = images.parent / "styles.csv"
+    path.write_bytes(("id,productDisplayName\n" + "".join(r + "\n" for r in rows)).encode(encoding))
+    return path
+
+
+def test_csv_in_latin1_costs_its_rows_unless_the_encoding_is_given(images, tmp_path):
+    from eclip.data.csv_import import csv_to_catalog
+
+    table = _table(images, ["1,Acme tee", "2,Café tee", "3,Acme cap"], encoding="latin-1")
+    report = csv_to_catalog(table, tmp_path / "c.jsonl")
+    assert report.products == 2 and report.lines == 3 and dict(report.skipped) == {"undecodable row": 1}
+    assert report.problems == [f"{table}:3: not utf-8 (byte 0xe9 at column 6); give the file's encoding if it is not utf-8"]
+    report = csv_to_catalog(table, tmp_path / "c.jsonl", encoding="latin-1")
+    assert report.products == 3 and not report.skipped
+    assert '"Café tee"' in (tmp_path / "c.jsonl").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_csv_with_a_byte_order_mark_keeps_its_first_column(images, tmp_path, encoding):
+    from eclip.data.csv_import import csv_to_catalog
+
+    table = _table(images, ["1,Acme tee", "2,Thé tee"], encoding=encoding)
+    report = csv_to_catalog(table, tmp_path / "c.jsonl")
+    assert report.products == 2 and not report.skipped
+
+
+def test_csv_unterminated_quote_is_reported_and_the_rows_after_it_kept(images, tmp_path):
+    from eclip.data import load_catalog
+    from eclip.data.csv_import import csv_to_catalog
+
+    rows = ['1,Acme tee', '2,"Acme tee, left open', '3,Acme cap', '4,Acme bag']  # open to the end of the file
+    report = csv_to_catalog(_table(images, rows), tmp_path / "c.jsonl")
+    assert report.lines == 4 and dict(report.skipped) == {"unterminated quote": 1}
+    assert report.problems == [f"{images.parent / 'styles.csv'}:3: a quote opened on this line runs over lines 4-5 "
+                               "(unexpected end of data); the row is skipped and those lines are read again"]
+    products, _ = load_catalog(tmp_path / "c.jsonl")
+    assert [p.product_id for p in products] == ["1", "3", "4"]
+
+    # closed two lines later (every swallowed line a row of its own), and a quoted line break
+    rows = ['1,Acme tee', '2,"Acme tee', '3,Acme cap', '4,Acme bag"', '5,"Two-line', 'title"', '6,Acme hat']
+    report = csv_to_catalog(_table(images, rows), tmp_path / "c.jsonl")
+    assert dict(report.skipped) == {"unterminated quote": 1}
+    products, _ = load_catalog(tmp_path / "c.jsonl")
+    assert [(p.product_id, p.title) for p in products] == [
+        ("1", "Acme tee"), ("3", "Acme cap"), ("4", 'Acme bag"'), ("5", "Two-line\ntitle"), ("6", "Acme hat")]
+
+
+def test_csv_ids_that_leave_the_image_root_are_refused(images, tmp_path):
+    from eclip.data.csv_import import csv_to_catalog
+
+    table = _table(images, ["1,Acme tee", "../../secret,Sneaky", "/etc/passwd,Absolute", "a/../../../secret,Deeper"])
+    report = csv_to_catalog(table, tmp_path / "c.jsonl", image_template="{id}.jpg", image_root=images)
+    assert report.products == 1 and dict(report.skipped) == {"bad image path": 3}
+    assert all("leaves" in p and "(refused)" in p for p in report.problems)
+    absolute = csv_to_catalog(table, tmp_path / "c.jsonl", image_template=f"{images}/{{id}}.jpg")
+    assert absolute.products == 1  # /etc/passwd becomes images/etc/passwd.jpg here: inside, and missing
+    assert dict(absolute.skipped) == {"bad image path": 2, "missing image": 1}
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--limit", "-1"], "argument --limit: '-1' is not a positive integer"),
+    (["--limit", "many"], "argument --limit: 'many' is not a positive integer"),
+    (["--delimiter", ";;"], "argument --delimiter: ';;' is not one character"),
+    (["--image-template", "{id!r:>{x}}"], "--image-template: image template '{id!r:>{x}}': a field inside a format spec"),
+    (["--image-template", "images/{0}.jpg"], "--image-template: image template 'images/{0}.jpg' uses {0}, but"),
+    (["--image-template", "{id:d}.jpg"], "--image-template: image template '{id:d}.jpg': ValueError"),
+    (["--image-template", "{id"], "--image-template: image template '{id': expected '}'"),
+    (["--encoding", "klingon"], "--encoding: unknown encoding 'klingon'"),
+    (["--category-column", "kind"], "--category-column: "),
+])
+def test_csv_command_mistakes_are_one_line_naming_the_argument(images, tmp_path, capsys, args, words):
+    from eclip_app.cli import main
+
+    table = _table(images, ["1,Acme tee"])
+    try:
+        code = main(["-q", "catalog", "from-csv", str(table), "--out", str(tmp_path / "c.jsonl"), *args])
+    except SystemExit as exit:  # argparse
+        code = exit.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert "Traceback" not in err and not (tmp_path / "c.jsonl").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_csv_unwritable_out_is_one_line(images, tmp_path, capsys):
+    from eclip_app.cli import main
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert main(["-q", "catalog", "from-csv", str(_table(images, ["1,Acme tee"])), "--out", str(locked / "c.jsonl")]) == 2
+    assert "eclip catalog from-csv: --out: cannot write to" in capsys.readouterr().err
+
+
+def test_csv_out_that_cannot_be_a_file_is_one_line(images, tmp_path, capsys):
+    from eclip_app.cli import main
+
+    table = _table(images, ["1,Acme tee"])
+    (tmp_path / "file").write_text("")
+    for out, words in [(tmp_path, "is a folder"), (tmp_path / "file" / "c.jsonl", "cannot create the folder of")]:
+        assert main(["-q", "catalog", "from-csv", str(table), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eclip catalog from-csv: --out: ") and words in err and len(err.splitlines()) == 1

@@ -118,7 +118,7 @@ def _validate(args) -> int:
 
 def _from_csv(args) -> int:
     from eclip.data import CatalogError
-    from eclip.data.csv_import import csv_to_catalog
+    from eclip.data.csv_import import ImportArgumentError, csv_to_catalog
 
     columns = [c.strip() for c in args.attribute_columns.split(",") if c.strip()] if args.attribute_columns else []
     try:
@@ -126,7 +126,12 @@ def _from_csv(args) -> int:
             args.csv, args.out, id_column=args.id_column, title_column=args.title_column,
             image_template=args.image_template, image_root=args.image_root, category_column=args.category_column,
             attribute_columns=columns, limit=args.limit, delimiter=args.delimiter, relative_paths=args.relative_paths,
+            encoding=args.encoding,
         )
+    except ImportArgumentError as error:  # a mistake in the command: name the flag
+        flag = {"columns": "--id-column/--title-column"}.get(error.argument, f"--{error.argument.replace('_', '-')}")
+        print(f"eclip catalog from-csv: {flag}: {error}", file=sys.stderr)
+        return 2
     except CatalogError as error:
         print(f"eclip catalog from-csv: {error}", file=sys.stderr)
         return 1
@@ -197,6 +202,25 @@ def _compose(args) -> int:
     if result.unreadable:
         print(f"{result.unreadable} products skipped: their photo does not decode", file=sys.stderr)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _one_character(text: str) -> str:
+    """argparse type: one character (a CSV delimiter); `\\t` is a tab."""
+    text = {"\\t": "\t", "tab": "\t"}.get(text, text)
+    if len(text) != 1 or text in "\r\n\"":
+        raise argparse.ArgumentTypeError(f"{text!r} is not one character (a quote or a newline cannot delimit)")
+    return text
 
 
 def _range(kind):
@@ -402,8 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--image-root", default=None, help="folder of relative image paths (default: the CSV's folder)")
     fc.add_argument("--category-column", default=None)
     fc.add_argument("--attribute-columns", default=None, help="comma-separated columns kept as attributes, e.g. baseColour,gender,usage")
-    fc.add_argument("--limit", type=int, default=None, help="read at most N data rows")
-    fc.add_argument("--delimiter", default=",")
+    fc.add_argument("--limit", type=_positive_int, default=None, help="read at most N data rows")
+    fc.add_argument("--delimiter", type=_one_character, default=",", help="one character; \\t or tab for a tab")
+    fc.add_argument("--encoding", default="utf-8", help="the table's text encoding, e.g. cp1252 or latin-1 (default utf-8; "
+                    "a UTF-8 or UTF-16 byte-order mark is honoured); lines that do not decode are reported and skipped")
     fc.add_argument("--relative-paths", action="store_true", help="write image paths relative to the catalog's folder (default: absolute)")
     fc.set_defaults(func=_from_csv)
 
