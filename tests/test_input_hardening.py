@@ -416,3 +416,126 @@ def test_csv_out_that_cannot_be_a_file_is_one_line(images, tmp_path, capsys):
         assert main(["-q", "catalog", "from-csv", str(table), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("eclip catalog from-csv: --out: ") and words in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- eclip train
+
+MICRO = ["--set", "model.vision.image_size=32", "--set", "model.vision.width=32", "--set", "model.vision.depth=1",
+         "--set", "model.text.width=32", "--set", "model.text.depth=1", "--set", "model.decoder.width=32",
+         "--set", "model.embed_dim=16", "--set", "model.decoder.memory_level=-1", "--set", "products_per_batch=4",
+         "--set", "images_per_product=2",
+         "--set", "warmup_steps=1", "--set", "log_every=1", "--set", "tensorboard=false"]
+
+
+@pytest.mark.parametrize(("assignment", "words"), [
+    ("steps=0", "TrainConfig.steps must be an integer >= 1, not 0"),
+    ("steps=-5", "TrainConfig.steps must be an integer >= 1, not -5"),
+    ("checkpoint_every=0", "TrainConfig.checkpoint_every must be an integer >= 1, not 0"),
+    ("steps=abc", "TrainConfig.steps must be an integer >= 1, not 'abc'"),
+    ("lr=fast", "TrainConfig.lr must be a number > 0, not 'fast'"),
+    ("lr=NaN", "TrainConfig.lr must be a number > 0, not nan"),
+    ("min_lr_ratio=1.5", "TrainConfig.min_lr_ratio must be a number in [0, 1], not 1.5"),
+    ("precision=fp8", "TrainConfig.precision must be one of ('fp32', 'bf16'), not 'fp8'"),
+    ("stepz=10", "no field 'stepz'; did you mean steps?"),
+    ("model.decoder.depht=1", "no field 'model.decoder.depht'; did you mean depth?"),
+    ("steps.every=1", "steps is a value, not a group of fields"),
+    ("model_preset=huge", "unknown model preset 'huge'; choose from ['base', 'eclip-lite',"),
+    ("objective=siglip", "unknown objective 'siglip'; choose from ['clip', 'eclip']"),
+    ("optim.layer_decay=0", "OptimConfig.layer_decay must be a number in (0, 1], not 0"),
+    ("optim.unfreeze_last_text_blocks=2", "unfreeze_last_text_blocks=2 needs freeze_text=true"),
+])
+def test_train_config_mistakes_are_one_line_before_any_work(tmp_path, capsys, assignment, words):
+    from eclip_app.cli import main
+
+    out = tmp_path / "run"
+    code = main(["-q", "train", "--catalog", str(tmp_path / "missing.jsonl"), "--out", str(out), "--set", assignment])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()  # nothing ran: the catalog was not even looked for
+
+
+def test_train_config_file_mistakes_are_one_line(tmp_path, capsys):
+    from eclip_app.cli import main
+
+    for text, words in [("steps = 0\n", "TrainConfig.steps must be an integer >= 1, not 0"),
+                        ("steps = \n", "config file"), ("[optim]\nlayer_decay = 2\n", "OptimConfig.layer_decay")]:
+        (tmp_path / "c.toml").write_text(text)
+        assert main(["-q", "train", "--catalog", "x.jsonl", "--config", str(tmp_path / "c.toml")]) == 2
+        assert words in capsys.readouterr().err
+    assert main(["-q", "train", "--catalog", "x.jsonl", "--config", str(tmp_path / "none.json")]) == 2
+    assert "config file" in capsys.readouterr().err
+
+
+def test_train_on_a_catalog_with_nothing_usable_is_one_line(tmp_path, capsys):
+    from eclip_app.cli import main
+
+    (tmp_path / "c.jsonl").write_bytes(b'\xff\xfe{\x00')  # UTF-16 with one character: nothing usable
+    assert main(["-q", "train", "--catalog", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "run"), *MICRO]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eclip train: catalog ") and "no usable product left" in err and "Traceback" not in err
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_with_the_resume_command(synth_catalog, tmp_path):
+    import time
+
+    import eclip
+
+    out = tmp_path / "run"
+    args = ["train", "--catalog", str(synth_catalog["train"]), "--out", str(out), "--no-progress", *MICRO,
+            "--set", "steps=100000", "--set", "checkpoint_every=100000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(eclip.__file__).parents[1])}
+    process = subprocess.Popen([sys.executable, "-m", "eclip_app.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr
+    steps = [int(p.name.split("_")[1]) for p in (out / "checkpoints").iterdir()]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert "model saved" not in stdout and not (out / "model").exists()
+    assert f"stopped by SIGTERM at step {steps[0]} of 100000" in stderr
+    resume = stderr.split("Resume with: ")[1].strip()
+    assert resume.startswith("eclip train --catalog ") and resume.endswith("--resume")
+
+
+def test_truncated_checkpoint_falls_back_and_stale_temporaries_go(synth_catalog, tmp_path, capsys, caplog):
+    from eclip_app.cli import main
+
+    out = tmp_path / "run"
+    args = ["-q", "train", "--catalog", str(synth_catalog["train"]), "--out", str(out), "--no-progress", *MICRO,
+            "--set", "checkpoint_every=2", "--set", "keep_checkpoints=3"]
+    assert main([*args, "--set", "steps=4"]) == 0
+    checkpoints = out / "checkpoints"
+    latest = checkpoints / "step_00000004" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a disk that filled up
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = [checkpoints / f".step_00000006.tmp{dead.stdout.strip()}.abcd1234", checkpoints / ".step_00000006.tmpabcd1234",
+             checkpoints / ".tmp_step_x1y2z3"]
+    for folder in stale:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    assert main([*args, "--set", "steps=6", "--resume"]) == 0
+    assert "step_00000004" in caplog.text and "does not read whole" in caplog.text
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+    import json
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at step 2: steps 3 and 4 were trained again
+
+    for folder in checkpoints.iterdir():  # every checkpoint damaged: one line, exit 1
+        (folder / "train_state.pt").write_bytes(b"")
+    capsys.readouterr()
+    assert main([*args, "--set", "steps=8", "--resume"]) == 1
+    assert "reads whole" in capsys.readouterr().err
+
+
+def test_train_help_documents_the_exit_codes(capsys):
+    from eclip_app.cli import TRAIN_EXIT_CODES, main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "exit codes:" in text and all(f"  {code} " in text for code in TRAIN_EXIT_CODES)
+    assert "143" in text and "SIGTERM" in text
