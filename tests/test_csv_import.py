@@ -85,7 +85,7 @@ def test_cli_from_csv(table, tmp_path, capsys):
                  "--attribute-columns", "baseColour,gender"])
     assert code == 0 and "3 products written" in capsys.readouterr().out
     code = main(["-q", "catalog", "from-csv", str(table), "--out", str(out), "--title-column", "name"])
-    assert code == 1 and "no column 'name'" in capsys.readouterr().err
+    assert code == 2 and "--id-column/--title-column: " in (err := capsys.readouterr().err) and "no column 'name'" in err
 
 
 def test_myntra_sample_converts(tmp_path):

@@ -8,7 +8,9 @@ so a bad value fails up front with the field's name and what it may be. Named pr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -35,6 +37,26 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
 
 
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    """A dataclass field whose number must also be finite and lie in a range, checked with its
+    type by `check_fields`: `steps: int = ranged(1000, ge=1)`."""
+    return field(default=default, metadata={"range": (ge, gt, le)})
+
+
+def _range_words(bounds: tuple) -> str:
+    ge, gt, le = bounds
+    low = f">= {ge:g}" if ge is not None else f"> {gt:g}" if gt is not None else ""
+    if le is None:
+        return f" {low}" if low else ""
+    return f" in {'[' if ge is not None else '('}{ge if ge is not None else gt:g}, {le:g}]" if low else f" <= {le:g}"
+
+
+def _in_range(value: float, bounds: tuple) -> bool:
+    ge, gt, le = bounds
+    return (math.isfinite(value) and (ge is None or value >= ge) and (gt is None or value > gt)
+            and (le is None or value <= le))
+
+
 class Checked:
     """Checks every field against its type hint after `__init__` (see `check_fields`)."""
 
@@ -45,12 +67,17 @@ class Checked:
 def check_fields(config: Any) -> None:
     """Check every field of dataclass `config` against its type hint: a `Literal` field takes
     one of its values, an int an int, a float a number (an int becomes a float), a bool a bool
-    (not 1), a str a str, a nested config an instance of its class. Other hints (lists, Any)
-    are not checked. Raises one ValueError naming the field and what it may be."""
+    (not 1), a str a str, a nested config an instance of its class; a `ranged` field's number
+    must also be finite and in its range. Other hints (lists, Any) are not checked. Raises one
+    ValueError naming the field and what it may be."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
         value = getattr(config, f.name)
         ok, expected = _matches(value, hints[f.name])
+        bounds = f.metadata.get("range")
+        if bounds is not None:
+            expected += _range_words(bounds)
+            ok = ok and (value is None or _in_range(value, bounds))
         if not ok:
             raise ValueError(f"{type(config).__name__}.{f.name} must be {expected}, not {value!r}")
         if hints[f.name] is float and isinstance(value, int):
@@ -335,17 +362,22 @@ def override(config: Any, assignments: list[str]) -> Any:
 
 def _set_path(obj: Any, path: list[str], value: Any, assignment: str) -> None:
     for i, name in enumerate(path[:-1]):
-        if not hasattr(obj, name):
+        if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
             raise ValueError(f"override {assignment!r}: no field {'.'.join(path[: i + 1])!r}")
         child = getattr(obj, name)
         if child is None:
             raise ValueError(f"override {assignment!r}: {'.'.join(path[: i + 1])} is None")
+        if not is_dataclass(child):
+            raise ValueError(f"override {assignment!r}: {'.'.join(path[: i + 1])} is a value, not a group of fields")
         child = dataclasses.replace(child)
         setattr(obj, name, child)
         obj = child
     last = path[-1]
     if not is_dataclass(obj) or last not in {f.name for f in fields(obj)}:
-        raise ValueError(f"override {assignment!r}: no field {'.'.join(path)!r}")
+        names = [f.name for f in fields(obj)] if is_dataclass(obj) else []
+        close = difflib.get_close_matches(last, names, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else f"; the fields here are: {', '.join(names)}" if names else ""
+        raise ValueError(f"override {assignment!r}: no field {'.'.join(path)!r}{hint}")
     current = getattr(obj, last)
     if isinstance(current, tuple) and isinstance(value, list):  # JSON has no tuples
         value = tuple(value)

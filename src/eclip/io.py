@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_folder, atomic_write_text, replace_folder  # noqa: F401 (the io API)
+from .atomic import atomic_folder, atomic_write_text, recover_folder, replace_folder  # noqa: F401 (the io API)
 from .config import ModelConfig, from_dict, to_dict
 from .model.eclip import ECLIP
 
@@ -34,6 +34,7 @@ def save_model(model: ECLIP, folder: str | Path) -> Path:
 
 
 def load_config(folder: str | Path) -> ModelConfig:
+    recover_folder(folder)  # a replace killed half-way: finish it or put the old folder back
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an eclip model folder")

@@ -15,8 +15,29 @@ def _demo(args) -> int:
     return 0
 
 
+# `eclip train`'s exit codes (its --help lists them)
+TRAIN_EXIT_CODES = {
+    0: "trained to the last step; the model is in OUT/model",
+    1: "the run failed: no usable training data, a non-finite loss that would not go away, or no checkpoint that reads",
+    2: "a bad command or config (a field, a value, a preset): nothing ran",
+    130: "stopped by SIGINT (Ctrl-C) after writing a checkpoint; no model written; continue with --resume",
+    143: "stopped by SIGTERM (a scheduler's pre-emption, kill) after writing a checkpoint; no model written; continue with --resume",
+}
+
+
+def _resume_command(args) -> str:
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    return shlex.join(["eclip", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def _train(args) -> int:
-    from .train import load_train_config, train
+    import signal
+
+    from eclip.data import CatalogError
+
+    from .train import CheckpointError, NonFiniteLossError, load_train_config, train
 
     try:
         config = load_train_config(args.config, args.set)
@@ -33,13 +54,23 @@ def _train(args) -> int:
         print("eclip train: no training data (give --catalog or --shards, or set catalog or shards in the config)", file=sys.stderr)
         return 2
     from .feature_cache import FeatureCacheError
+    from .training.checkpoint import checkpoint_dir
 
     try:
         result = train(config, resume=args.resume, progress=not args.no_progress)
-    except FeatureCacheError as error:  # a cache the config would make wrong: one line
+    except (CatalogError, NonFiniteLossError, CheckpointError) as error:  # the data or the run: one line
+        print(f"eclip train: {error}", file=sys.stderr)
+        return 1
+    except (FeatureCacheError, ValueError) as error:  # a cache the config would make wrong, P over the products, ...
+        logging.getLogger("eclip.train").debug("eclip train failed", exc_info=True)
         print(f"eclip train: {error}", file=sys.stderr)
         return 2
-    print(f"model saved to {result.out_dir / 'model'}")
+    if result.model_dir is None:  # stopped early: a checkpoint, no model
+        name = signal.Signals(result.signal).name if result.signal else "request"
+        print(f"eclip train: stopped by {name} at step {result.step} of {config.steps}; checkpoint in "
+              f"{checkpoint_dir(result.out_dir)}; no model written. Resume with: {_resume_command(args)}", file=sys.stderr)
+        return 128 + result.signal if result.signal else 1
+    print(f"model saved to {result.model_dir}")
     return 0
 
 
@@ -118,7 +149,7 @@ def _validate(args) -> int:
 
 def _from_csv(args) -> int:
     from eclip.data import CatalogError
-    from eclip.data.csv_import import csv_to_catalog
+    from eclip.data.csv_import import ImportArgumentError, csv_to_catalog
 
     columns = [c.strip() for c in args.attribute_columns.split(",") if c.strip()] if args.attribute_columns else []
     try:
@@ -126,7 +157,12 @@ def _from_csv(args) -> int:
             args.csv, args.out, id_column=args.id_column, title_column=args.title_column,
             image_template=args.image_template, image_root=args.image_root, category_column=args.category_column,
             attribute_columns=columns, limit=args.limit, delimiter=args.delimiter, relative_paths=args.relative_paths,
+            encoding=args.encoding,
         )
+    except ImportArgumentError as error:  # a mistake in the command: name the flag
+        flag = {"columns": "--id-column/--title-column"}.get(error.argument, f"--{error.argument.replace('_', '-')}")
+        print(f"eclip catalog from-csv: {flag}: {error}", file=sys.stderr)
+        return 2
     except CatalogError as error:
         print(f"eclip catalog from-csv: {error}", file=sys.stderr)
         return 1
@@ -197,6 +233,25 @@ def _compose(args) -> int:
     if result.unreadable:
         print(f"{result.unreadable} products skipped: their photo does not decode", file=sys.stderr)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _one_character(text: str) -> str:
+    """argparse type: one character (a CSV delimiter); `\\t` is a tab."""
+    text = {"\\t": "\t", "tab": "\t"}.get(text, text)
+    if len(text) != 1 or text in "\r\n\"":
+        raise argparse.ArgumentTypeError(f"{text!r} is not one character (a quote or a newline cannot delimit)")
+    return text
 
 
 def _range(kind):
@@ -350,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
 
-    tr = sub.add_parser("train", help="train on a catalog (JSON Lines)")
+    tr = sub.add_parser("train", help="train on a catalog (JSON Lines)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="exit codes:\n" + "\n".join(f"  {code:<4} {words}" for code, words in TRAIN_EXIT_CODES.items()))
     tr.add_argument("--config", help="TOML or JSON file of TrainConfig fields (model_preset, objective, steps, model.*, loss.*, ...)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. --set steps=500 --set model.decoder.num_queries=16")
     tr.add_argument("--catalog", help="training catalog (overrides the config)")
@@ -402,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--image-root", default=None, help="folder of relative image paths (default: the CSV's folder)")
     fc.add_argument("--category-column", default=None)
     fc.add_argument("--attribute-columns", default=None, help="comma-separated columns kept as attributes, e.g. baseColour,gender,usage")
-    fc.add_argument("--limit", type=int, default=None, help="read at most N data rows")
-    fc.add_argument("--delimiter", default=",")
+    fc.add_argument("--limit", type=_positive_int, default=None, help="read at most N data rows")
+    fc.add_argument("--delimiter", type=_one_character, default=",", help="one character; \\t or tab for a tab")
+    fc.add_argument("--encoding", default="utf-8", help="the table's text encoding, e.g. cp1252 or latin-1 (default utf-8; "
+                    "a UTF-8 or UTF-16 byte-order mark is honoured); lines that do not decode are reported and skipped")
     fc.add_argument("--relative-paths", action="store_true", help="write image paths relative to the catalog's folder (default: absolute)")
     fc.set_defaults(func=_from_csv)
 
@@ -503,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print the resume command
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

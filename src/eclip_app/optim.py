@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eclip.config import Checked, ranged
 from eclip.model.towers import frozen_prefix_length
 
 # Parameters that are positions, learned tokens or temperatures: decaying them towards zero has
@@ -29,18 +30,18 @@ NO_DECAY_SUFFIXES = (
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     # lr multiplier for every tower parameter (heads, decoder and temperatures keep the full lr):
     # pretrained towers usually want 0.1 or less, or new heads drag them off their features
-    tower_lr_scale: float = 1.0
+    tower_lr_scale: float = ranged(1.0, ge=0)
     freeze_vision: bool = False
     freeze_text: bool = False
     # with freeze_*: the last k blocks (and the final norm) stay trainable; 0 = all frozen
-    unfreeze_last_vision_blocks: int = 0
-    unfreeze_last_text_blocks: int = 0
+    unfreeze_last_vision_blocks: int = ranged(0, ge=0)
+    unfreeze_last_text_blocks: int = ranged(0, ge=0)
     # layer-wise lr decay: a tower parameter in layer l of n gets lr * layer_decay ** (n - l),
     # so the input embedding moves least; 1.0 = off
-    layer_decay: float = 1.0
+    layer_decay: float = ranged(1.0, gt=0, le=1)
 
     def validate(self) -> None:
         # checked when used, not in __post_init__: overrides set fields one at a time

@@ -30,10 +30,12 @@ from .feature_cache import cached_source
 from .optim import apply_freezing, build_optimizer, parameter_groups, warmup_cosine
 from .step import TrainStep
 from .training.checkpoint import (
+    CheckpointError,
     checkpoint_dir,
+    clean_checkpoints,
     full_state,
     list_checkpoints,
-    load_checkpoint,
+    load_latest_checkpoint,
     save_checkpoint,
 )
 from .training.config import TrainConfig, load_train_config, make_train_config
@@ -41,6 +43,7 @@ from .training.data import make_data_source
 from .training.logs import RunLogs, ThroughputWindow
 
 __all__ = [  # what callers import from here (some defined in .optim and .training)
+    "CheckpointError",
     "NonFiniteLossError",
     "TrainConfig",
     "TrainResult",
@@ -78,6 +81,9 @@ class TrainResult:
     seconds: float
     stopped_by_signal: bool = False
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
+    step: int = 0  # the step the run ended at (its last checkpoint)
+    model_dir: Path | None = None  # OUT/model, when the run reached config.steps and wrote it
+    signal: int | None = None  # the signal that stopped the run early
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,10 +126,13 @@ def train(
     a checkpoint, as a run cut short by its time limit would; `resume` continues it.
 
     Under `torchrun` every rank runs this function; rank 0 alone logs and writes files."""
+    config.validate()  # each field was checked as it was set; this checks them together
     env = init_distributed(config.device)
     out = Path(config.out_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_checkpoints(out)  # what a run killed while writing left behind
+    barrier()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if not config.catalog and not config.shards:
         raise ValueError("no training data: set catalog (JSON Lines) or shards (eclip shard)")
@@ -150,8 +159,7 @@ def train(
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
     if resuming:
-        latest = list_checkpoints(out)[-1]
-        start = load_checkpoint(latest, model, optimizer, scheduler, source)
+        start, latest = load_latest_checkpoint(out, model, optimizer, scheduler, source)
         logger.info("resumed from %s at step %d", latest, start)
         if metrics_path.exists():  # drop log lines past the checkpoint: they will be redone
             lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -227,8 +235,10 @@ def train(
     bar.close()
     final = unsharded(model, optimizer, config.model, env) if config.fsdp else model
     final.eval()
-    if env.is_main and step == config.steps:
-        save_model(final, out / "model")
+    model_dir = out / "model" if step == config.steps else None
+    if env.is_main and model_dir is not None:
+        save_model(final, model_dir)
     barrier()
     return TrainResult(model=final, history=logs.history, out_dir=out, seconds=time.time() - begin,
-                       stopped_by_signal=stop.received is not None, skipped_steps=skipped)
+                       stopped_by_signal=stop.received is not None, skipped_steps=skipped, step=step,
+                       model_dir=model_dir, signal=stop.received)

@@ -3,6 +3,12 @@ fractions of the width and height keeps its meaning."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
 import numpy as np
 import torch
 from PIL import Image
@@ -10,12 +16,40 @@ from PIL import Image
 MEAN = 0.5
 STD = 0.5
 
-# A listing photo larger than this is refused rather than decoded (decompression bombs).
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# A listing photo larger than this (width x height) is refused rather than decoded: a
+# decompression bomb is a few hundred KB on disk and gigabytes decoded.
+MAX_IMAGE_PIXELS = 64_000_000
+# Pillow's own check, a backstop for code that opens images without `open_image`: it only warns
+# up to twice its limit, so `open_image` checks the size itself.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class ImageTooLarge(Image.DecompressionBombError):
+    """An image whose width x height is over the pixel limit, refused before it is decoded."""
+
+
+@contextmanager
+def open_image(source: str | Path | IO[bytes], max_pixels: int = MAX_IMAGE_PIXELS, formats: tuple[str, ...] | None = None) -> Iterator[Image.Image]:
+    """`Image.open` (which reads the header only), refused with ImageTooLarge when the header
+    says more than `max_pixels` pixels, before anything is decoded. Every image eclip reads
+    from a file or bytes is opened here."""
+    try:
+        with warnings.catch_warnings():  # Pillow warns between its limit and twice it; refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source, formats=formats)
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:  # over twice Pillow's limit: refused by Pillow
+        raise ImageTooLarge(str(error)) from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"{width}x{height} pixels is over the limit of {max_pixels:,} pixels (decompression bomb?)")
+        yield image
 
 
 def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as image:
+    with open_image(path) as image:
         return image.convert("RGB")
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..transforms import open_image
+
 # the first five are the original kinds, in their original order: a seed draws the same scenes
 CLASSIC_BACKGROUNDS = ("solid", "gradient", "blotches", "stripes", "tiles")
 TEXTURE_BACKGROUNDS = ("noise", "fabric", "wood")
@@ -135,5 +137,6 @@ def camera(scene: Image.Image, rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.6:
         buffer = io.BytesIO()
         out.save(buffer, format="JPEG", quality=int(rng.integers(15, 55)))
-        out = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        with open_image(io.BytesIO(buffer.getvalue())) as decoded:
+            out = decoded.convert("RGB")
     return out

@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..transforms import open_image
+
 logger = logging.getLogger("eclip.data")
 
 
@@ -101,18 +103,18 @@ class CutOutCache:
 
     def _load(self, path: str) -> tuple[Image.Image, bool]:
         if self.disk is None:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 self.cuts += 1
                 return cut_out(image, self.max_side)
         key = hashlib.sha1(f"{self.max_side}:{path}".encode()).hexdigest()
         for ok, name in [(True, f"{key}.png"), (False, f"{key}.whole.png")]:  # .whole: no mask found
             try:
-                with Image.open(self.disk / name) as saved:
+                with open_image(self.disk / name) as saved:
                     saved.load()
                     return saved, ok
             except FileNotFoundError:
                 continue
-        with Image.open(path) as image:
+        with open_image(path) as image:
             cut, ok = cut_out(image, self.max_side)
         self.cuts += 1
         target = self.disk / (f"{key}.png" if ok else f"{key}.whole.png")

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..catalog import Product
+from ..transforms import open_image
 from .backgrounds import PHOTO_BACKGROUNDS
 from .cutout import CutOutCache, cut_out_mask
 from .scene import ComposeConfig, _box, render_scene, scene_config
@@ -76,7 +76,7 @@ def _safe_name(product_id: str) -> str:
 
 def _clean_entry(path: str) -> dict:
     """The clean photo, by absolute path, with the box of its cut-out in its own pixels."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     mask = cut_out_mask(rgb)
     box = _box(mask) if mask.sum() >= 0.01 * mask.size else None
@@ -144,7 +144,7 @@ class _Composer:
         for _ in range(8):
             path = self.products[int(rng.integers(len(self.products)))].images[0].path
             try:
-                with Image.open(path) as image:
+                with open_image(path) as image:
                     image.draft("RGB", (self.config.size, self.config.size))  # JPEG: decode at 1/2..1/8
                     return np.asarray(image.convert("RGB"))
             except Exception:

@@ -12,9 +12,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from PIL import Image
 
-from ..transforms import to_uint8_tensor
+from ..transforms import open_image, to_uint8_tensor
 
 INDEX_NAME = "shards.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -180,6 +179,6 @@ def read_shard(url: str) -> Iterator[ShardSample]:
 
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
     """Bytes -> (3, S, S) uint8 through exactly the map-style path's conversion and resize."""
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(io.BytesIO(data)) as image:
         return to_uint8_tensor(image.convert("RGB"), image_size)
 

@@ -13,6 +13,7 @@ import torch
 from ..augmentation import product_batch
 from ..dataset import Batch
 from ..sampler import choose_images
+from ..transforms import ImageTooLarge
 from .read import (
     SampleError,
     ShardSample,
@@ -127,7 +128,7 @@ def generate_batches(config: StreamConfig, worker: int = 0, num_workers: int = 1
                     if i not in decoded:
                         decoded[i] = decode_image(images[i], config.image_size)
             except Exception as error:  # PIL raises many types for broken files
-                skips.add("unreadable image", f"{sample.url}: product {sample.product_id}: image {i} does not decode ({error})")
+                skips.add("image too large" if isinstance(error, ImageTooLarge) else "unreadable image", f"{sample.url}: product {sample.product_id}: image {i} does not decode ({error})")
                 images.pop(i)
                 continue
             return [(decoded[i], augment) for i, augment in picks]

@@ -33,6 +33,7 @@ from PIL import Image
 
 from ...atomic import atomic_write_text
 from ..catalog import Product, load_catalog
+from ..transforms import ImageTooLarge, open_image
 from .read import FORMAT, INDEX_NAME, SHARD_PATTERN
 
 logger = logging.getLogger("eclip.data")
@@ -81,7 +82,7 @@ def _encode_image(path: str, image_size: int | None, quality: int) -> tuple[str,
     if image_size is None:
         ext = Path(path).suffix.lower().lstrip(".")
         return _IMAGE_EXTENSIONS.get(ext, ext or "img"), Path(path).read_bytes()
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
     buffer = io.BytesIO()
     # 4:4:4, no chroma subsampling: at training sizes (32-224 px) 4:2:0 smears colour edges
@@ -169,7 +170,7 @@ def encode_product(index: int, product: Product, image_size: int | None, quality
         try:
             ext, data = _encode_image(image.path, image_size, quality)
         except Exception as error:  # PIL and the OS raise many types; one image is not worth a crash
-            problems.append(("unreadable image", f"product {product.product_id}: image {image.path} skipped ({error})"))
+            problems.append(("image too large" if isinstance(error, ImageTooLarge) else "unreadable image", f"product {product.product_id}: image {image.path} skipped ({error})"))
             continue
         files.append((f"{len(files)}.{ext}", data))
         boxes.append(None if image.box is None else list(image.box))
