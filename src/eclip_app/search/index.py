@@ -564,14 +564,14 @@ class ProductIndex:
             fail("index.faiss holds other vector ids than vectors.parquet (from another index?)")
 
         product_ids = products.column("product_id").to_pylist()
-        if "products" in header and len(product_ids) != header["products"]:
-            fail(f"products.parquet has {len(product_ids)} rows, index.json says {header['products']}")
         known = set(product_ids)
         if len(known) != len(product_ids) or None in known:
             fail("products.parquet repeats a product id or has an empty one")
         orphans = [p for p in dict.fromkeys(pids) if p not in known]
         if orphans:
             fail(f"products.parquet has no row for product {orphans[0]!r}" + (f" and {len(orphans) - 1} more" if len(orphans) > 1 else ""))
+        if "products" in header and len(product_ids) != header["products"]:
+            fail(f"products.parquet has {len(product_ids)} rows, index.json says {header['products']}")
         if len(known) != len(set(pids)):
             fail(f"{len(known) - len(set(pids))} product(s) in products.parquet have no vector in vectors.parquet")
 
