@@ -383,6 +383,8 @@ class Payload:
         else:
             raise ApiError(415, "content-type", "send application/json or multipart/form-data")
         for name in fields:
+            if not name:
+                raise ApiError(400, "body", f"a field with an empty name; allowed: {', '.join(sorted(allowed))}")
             if name not in allowed:
                 raise ApiError(400, name, f"unknown field {name!r}; allowed: {', '.join(sorted(allowed))}")
         return cls(fields, settings)
