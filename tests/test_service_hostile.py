@@ -78,6 +78,37 @@ def png_bytes(size=(40, 40), colour=(200, 30, 30)) -> bytes:
 PNG = png_bytes()
 
 
+def odd_images() -> dict[str, bytes]:
+    """Readable images in the modes and shapes a client may send: each must be served (200) or
+    refused (4xx), never a 500."""
+    out = {}
+    # each mode in the first of these formats that holds it; F only in TIFF, which is refused
+    for mode in ("1", "L", "LA", "P", "I", "I;16", "F", "RGBA", "CMYK"):
+        for fmt in ("PNG", "JPEG", "TIFF"):
+            buffer = io.BytesIO()
+            try:
+                Image.new(mode, (24, 16)).save(buffer, format=fmt)
+            except (OSError, ValueError, KeyError):
+                continue  # a mode the format cannot hold
+            out[f"{mode}.{fmt.lower()}"] = buffer.getvalue()
+            break
+    for fmt in ("WEBP", "BMP"):
+        buffer = io.BytesIO()
+        Image.new("RGBA" if fmt == "WEBP" else "P", (24, 16)).save(buffer, format=fmt)
+        out[f"other.{fmt.lower()}"] = buffer.getvalue()
+    frames = [Image.new("P", (8, 8), i) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    out["animated.gif"] = buffer.getvalue()
+    out["1x1.png"] = png_bytes((1, 1))
+    out["3000x1.png"] = png_bytes((3000, 1))
+    out["1x3000.png"] = png_bytes((1, 3000))
+    return out
+
+
+ODD_IMAGES = odd_images()
+
+
 class KeepAlive:
     """One HTTP/1.1 connection. `send` fails the test if the server closed it after answering."""
 
@@ -207,6 +238,22 @@ def test_classify_caps_labels_times_prompts(service):
         post_json(conn, "/classify", {"image": image, "labels": ["a", "b", "c"]}, 400, "labels")  # x 5 default prompts
         assert len(post_json(conn, "/classify", {"image": image, "labels": ["a", "b"]}, 200, "")["labels"]) == 2
         conn.close()
+
+
+@pytest.mark.parametrize("name", sorted(ODD_IMAGES))
+def test_odd_image_modes_and_shapes_at_every_image_endpoint(conn, name):
+    data = ODD_IMAGES[name]
+    statuses = []
+    for path, fields in (("/search", {"k": "2"}), ("/embed", {}), ("/classify", {"labels": "shirt,bag"}),
+                         ("/ground", {"text": "red"})):
+        parts = [(key, None, None, value.encode()) for key, value in fields.items()] + [("image", name, "image/png", data)]
+        response, _ = conn.check("POST", path, multipart(parts), {"Content-Type": "multipart/form-data; boundary=hostileboundary"})
+        statuses.append(response.status)
+    assert len(set(statuses)) == 1, statuses  # an image is usable everywhere or nowhere
+    if name in ("L.png", "RGBA.png", "P.png", "CMYK.jpeg", "animated.gif", "other.webp", "other.bmp", "1x1.png", "3000x1.png"):
+        assert statuses[0] == 200
+    if name.endswith(".tiff"):
+        assert statuses[0] == 400  # not one of the upload formats
 
 
 def test_catalog_image_truncated_or_deleted_after_indexing(model, tmp_path):
@@ -364,7 +411,7 @@ def test_fuzz_raw_bodies(server, path, raw, content_type):
         conn.close()
 
 
-PART_DATA = st.one_of(st.sampled_from([PNG, PNG[:60], png_bytes((2000, 2000)), b"", b"GIF89a", b"\xff\xd8\xff"]),
+PART_DATA = st.one_of(st.sampled_from([PNG, PNG[:60], png_bytes((2000, 2000)), b"", b"GIF89a", b"\xff\xd8\xff", *ODD_IMAGES.values()]),
                       st.binary(max_size=64), HOSTILE_TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")))
 PART = st.tuples(NAMES, st.one_of(st.none(), st.text(max_size=10)), st.sampled_from(["image/png", "text/plain", None]), PART_DATA)
 

@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-k", type=int, default=100, help="most results per query")
     se.add_argument("--image-root", action="append", default=[], help="folder /image may serve from (default: the folders of the index's images)")
     se.add_argument("--threads", type=int, default=1, help="intra-op threads per request (requests run in parallel)")
-    se.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408 after)")
+    se.add_argument("--read-timeout", type=float, default=60.0, help="seconds a request body may take to arrive (408 after)")
     se.add_argument("--allowed-hosts", default=None,
                     help="comma-separated Host names answered ('*' any, '*.example.com' subdomains); default: "
                          "localhost,127.0.0.1,::1 when bound to loopback, any otherwise")

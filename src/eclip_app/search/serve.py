@@ -84,7 +84,7 @@ class ServeSettings:
     # labels x prompts of one /classify request: each is a text encoding (64 labels x 5 prompts)
     max_classify_texts: int = 320
     max_ground: int = 24  # results grounded by /search?ground=1
-    read_timeout_s: float = 30.0  # the whole request body must arrive within this (408 after)
+    read_timeout_s: float = 60.0  # the whole request body must arrive within this (408 after)
     # Host header names answered (None: any); "*" any, "*.example.com" its subdomains
     allowed_hosts: list[str] | None = None
     image_roots: list[Path] = field(default_factory=list)  # extra allowed image folders
