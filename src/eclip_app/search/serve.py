@@ -154,11 +154,12 @@ class SearchService:
         return sorted(roots, key=str)
 
     def missing_images(self, sample: int = 256) -> tuple[int, int, list[str]]:
-        """(missing, checked, a few missing paths) over up to `sample` of the index's images
-        spread over the catalog: `eclip serve` warns at start when the photos moved."""
-        paths = [p for pid in self.index.product_ids() for p in _metadata_images(self.index.metadata(pid))]
-        if len(paths) > sample:
-            paths = [paths[i] for i in np.linspace(0, len(paths) - 1, sample).astype(int)]
+        """(missing, checked, a few missing paths) over the first photo of up to `sample`
+        products spread over the index: `eclip serve` warns at start when the photos moved."""
+        pids = self.index.product_ids()
+        if len(pids) > sample:  # products first: no pass over a million products' metadata
+            pids = [pids[i] for i in np.linspace(0, len(pids) - 1, sample).astype(int)]
+        paths = [images[0] for pid in pids if (images := _metadata_images(self.index.metadata(pid)))]
         missing = []
         for path in paths:
             try:
