@@ -322,6 +322,109 @@ def test_index_input_errors(tmp_path):
         ProductIndex.load(tmp_path / "half")
 
 
+def _saved(tmp_path, name="index", kind="flat", n_products=40, seed=0):
+    x, pids, meta = _toy(n_products=n_products, seed=seed)
+    folder = tmp_path / name
+    ProductIndex.build(x, pids, meta, kind=kind).save(folder)
+    return folder
+
+
+def _drop_fingerprint(folder) -> None:
+    """Make `folder` look like one saved before index.json held the files' sizes and SHA-256."""
+    header = json.loads((folder / "index.json").read_text())
+    header.pop("files", None)
+    (folder / "index.json").write_text(json.dumps(header))
+
+
+def _without_product_row(folder, pid: str) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "products.parquet")
+    pq.write_table(table.filter(pc.not_equal(table.column("product_id"), pid)), folder / "products.parquet")
+
+
+def _truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("fingerprint", [True, False], ids=["fingerprinted", "old-folder"])
+@pytest.mark.parametrize(
+    ("damage", "with_fingerprint", "without_fingerprint"),
+    [
+        # an index.faiss of another index of the same kind and dimension, 30 products instead of 40
+        ("foreign_faiss", "index.faiss is .* bytes", "index.faiss holds 60 vectors"),
+        ("missing_product_row", "products.parquet is .* bytes", "no row for product 'p7'"),
+        ("truncated_faiss", "index.faiss is .* bytes", "index.faiss is not a readable FAISS index"),
+        ("truncated_vectors", "vectors.parquet is .* bytes", "vectors.parquet is not a readable Parquet file"),
+        ("truncated_products", "products.parquet is .* bytes", "products.parquet is not a readable Parquet file"),
+        ("same_size_other_bytes", "index.faiss does not match the checksum", None),
+        ("missing_vectors", "missing vectors.parquet", "missing vectors.parquet"),
+        ("truncated_header", "index.json is not valid JSON", "index.json is not valid JSON"),
+    ],
+)
+def test_index_folder_parts_must_agree(tmp_path, damage, with_fingerprint, without_fingerprint, fingerprint):
+    folder = _saved(tmp_path)
+    assert len(ProductIndex.load(folder)) == 40
+    if not fingerprint:
+        _drop_fingerprint(folder)
+        assert len(ProductIndex.load(folder)) == 40  # an old folder still loads
+    expected = with_fingerprint if fingerprint else without_fingerprint
+    if damage == "foreign_faiss":
+        other = _saved(tmp_path, "other", n_products=30, seed=1)
+        (folder / "index.faiss").write_bytes((other / "index.faiss").read_bytes())
+    elif damage == "missing_product_row":
+        _without_product_row(folder, "p7")
+    elif damage.startswith("truncated_"):
+        name = {"faiss": "index.faiss", "vectors": "vectors.parquet", "products": "products.parquet",
+                "header": "index.json"}[damage.split("_")[1]]
+        _truncate(folder / name)
+    elif damage == "same_size_other_bytes":
+        data = bytearray((folder / "index.faiss").read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one vector component changed (the ids sit at the end)
+        (folder / "index.faiss").write_bytes(bytes(data))
+    elif damage == "missing_vectors":
+        (folder / "vectors.parquet").unlink()
+    if expected is None:  # only the fingerprint can tell: an old folder loads the changed vector
+        assert len(ProductIndex.load(folder)) == 40
+        return
+    with pytest.raises(IndexFolderError, match=expected):
+        ProductIndex.load(folder)
+
+
+def test_index_folder_checks_without_hashing_and_for_every_kind(tmp_path):
+    for kind in ("flat", "hnsw", "ivfpq"):
+        folder = _saved(tmp_path, kind, kind=kind, n_products=80)
+        _drop_fingerprint(folder)
+        _without_product_row(folder, "p3")
+        with pytest.raises(IndexFolderError, match="no row for product 'p3'"):
+            ProductIndex.load(folder)
+    # a kind's FAISS file under another kind's header; a count that disagrees with index.json
+    flat, hnsw = tmp_path / "flat", _saved(tmp_path, "hnsw2", kind="hnsw", n_products=80)
+    (flat / "index.faiss").write_bytes((hnsw / "index.faiss").read_bytes())
+    _drop_fingerprint(flat)
+    with pytest.raises(IndexFolderError, match="index.faiss is a IndexHNSWFlat, a 'flat' index is a IndexIDMap"):
+        ProductIndex.load(flat)
+    folder = _saved(tmp_path, "counts")
+    header = json.loads((folder / "index.json").read_text())
+    header["products"] = 41
+    (folder / "index.json").write_text(json.dumps(header))
+    with pytest.raises(IndexFolderError, match="products.parquet has 40 rows, index.json says 41"):
+        ProductIndex.load(folder, verify=False)
+
+
+def test_cli_serve_and_search_refuse_a_damaged_index(model_dir, tmp_path, capsys):
+    folder = _saved(tmp_path)
+    _truncate(folder / "index.faiss")
+    for command in ("serve", "search"):
+        extra = ["--text", "x"] if command == "search" else ["--port", "1"]
+        assert main(["-q", command, "--model", str(model_dir), "--index", str(folder), *extra]) == 1
+        err = capsys.readouterr().err
+        assert f"eclip {command}: {folder}: index.faiss is" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- searcher and CLI
 
 

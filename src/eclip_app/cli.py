@@ -352,16 +352,35 @@ def _shard(args) -> int:
 def _serve(args) -> int:
     import os
 
-    from .search.serve import SearchService, ServeSettings, serve
+    from .search.index import IndexFolderError
+    from .search.serve import LOOPBACK_HOSTS, SearchService, ServeSettings, serve
 
     if args.model is None and args.onnx is None:
         print("eclip serve: give --model (PyTorch) or --onnx (an `eclip export --onnx` folder)", file=sys.stderr)
         return 2
+    if args.read_timeout <= 0:
+        print("eclip serve: --read-timeout must be positive", file=sys.stderr)
+        return 2
     api_key = args.api_key or os.environ.get("ECLIP_API_KEY") or None
-    service = SearchService.load(args.model, args.index, onnx_folder=args.onnx, image_roots=args.image_root or None,
-                                 threads=args.threads)
+    try:
+        service = SearchService.load(args.model, args.index, onnx_folder=args.onnx, image_roots=args.image_root or None,
+                                     threads=args.threads)
+    except (IndexFolderError, FileNotFoundError, ValueError) as error:
+        print(f"eclip serve: {error}", file=sys.stderr)
+        return 1
+    if args.allowed_hosts is not None:
+        allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
+    else:  # on loopback, only loopback names: a web page cannot reach it by DNS rebinding
+        allowed = list(LOOPBACK_HOSTS) if args.host in LOOPBACK_HOSTS else None
     settings = ServeSettings(api_key=api_key, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                             max_pixels=args.max_pixels, max_k=args.max_k)
+                             max_pixels=args.max_pixels, max_k=args.max_k, read_timeout_s=args.read_timeout,
+                             allowed_hosts=allowed)
+    missing, checked, examples = service.missing_images()
+    if missing:
+        where = ", ".join(str(r) for r in service.image_roots[:3]) or "no folder"
+        print(f"eclip serve: WARNING: {missing} of {checked} catalog images checked cannot be found (e.g. {examples[0]}; "
+              f"looked under {where}): /image answers 404 for them and their results get no box. "
+              "Give --image-root FOLDER, or re-run `eclip embed` and `eclip index`.", file=sys.stderr)
     auth = "API key required" if api_key else "no API key"
     print(f"serving {len(service.index)} products on http://{args.host}:{args.port} ({service.backend} encoder, {auth})")
     serve(service, settings, host=args.host, port=args.port)
@@ -544,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-k", type=int, default=100, help="most results per query")
     se.add_argument("--image-root", action="append", default=[], help="folder /image may serve from (default: the folders of the index's images)")
     se.add_argument("--threads", type=int, default=1, help="intra-op threads per request (requests run in parallel)")
+    se.add_argument("--read-timeout", type=float, default=60.0, help="seconds a request body may take to arrive (408 after)")
+    se.add_argument("--allowed-hosts", default=None,
+                    help="comma-separated Host names answered ('*' any, '*.example.com' subdomains); default: "
+                         "localhost,127.0.0.1,::1 when bound to loopback, any otherwise")
     se.set_defaults(func=_serve)
 
     ex = sub.add_parser("export", help="export the image and text encoders (ONNX), checked against PyTorch")

@@ -88,8 +88,12 @@ def _search(args) -> int:
         for row in rows:
             # the query text says what to look for; an image-only query grounds the result's title
             text = args.text if args.text is not None else (row.title or "")
+            path = row.image_path
+            base = searcher.index.image_base()
+            if path and base is not None and not Path(path).is_absolute():  # an index folder from before absolute paths
+                path = str(base / path)
             try:
-                result_image = load_rgb(row.image_path) if row.image_path else None
+                result_image = load_rgb(path) if path else None
             except (OSError, ValueError):
                 result_image = None  # the photo moved since indexing: no box, not a failure
             boxes.append(None if result_image is None else searcher.ground(result_image, text).box_pixels)

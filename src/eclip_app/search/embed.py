@@ -39,6 +39,8 @@ from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
 from eclip.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_model
 from eclip.model.eclip import ECLIP
 
+from .index import file_sha256
+
 logger = logging.getLogger("eclip.search")
 
 FORMAT = "eclip-embeddings"
@@ -76,14 +78,6 @@ class EmbedReport:
         return f"{text}; {self.out_dir} is {state}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_onnx_export(folder: str | Path) -> bool:
     """An `eclip export --onnx` folder (rather than a model folder)."""
     from .export import IMAGE_FILE, TEXT_FILE
@@ -98,7 +92,7 @@ def model_fingerprint(folder: str | Path) -> str:
 
     folder = Path(folder)
     files = (CONFIG_NAME, IMAGE_FILE, TEXT_FILE) if is_onnx_export(folder) else (CONFIG_NAME, WEIGHTS_NAME)
-    return hashlib.sha256("".join(_sha256(folder / name) for name in files).encode()).hexdigest()
+    return hashlib.sha256("".join(file_sha256(folder / name) for name in files).encode()).hexdigest()
 
 
 def load_encoder(folder: str | Path, device: str = "cpu"):
@@ -172,7 +166,9 @@ def _embed_images(model: ECLIP, slots: list[tuple[Product, int]], batch_size: in
     for start in range(0, len(slots), batch_size):
         tensors = []
         for product, i in slots[start : start + batch_size]:
-            path = product.images[i].path
+            # absolute: the catalog loader joins paths to the catalog's folder as given, which is
+            # relative to the working directory when the catalog path is (`--catalog catalog.jsonl`)
+            path = os.path.abspath(product.images[i].path)
             try:
                 tensors.append(to_uint8_tensor(load_rgb(path), model.image_size))
             except Exception as error:  # PIL raises many types for truncated or corrupt files
@@ -209,7 +205,7 @@ def _embed_titles(model: ECLIP, products: list[Product], batch_size: int) -> pa.
         pa.array([p.title for p in products], pa.string()),
         pa.array([p.category for p in products], pa.string()),
         pa.array([json.dumps(p.attributes, ensure_ascii=False, sort_keys=True) for p in products], pa.string()),
-        pa.array([[im.path for im in p.images] for p in products], pa.list_(pa.string())),
+        pa.array([[os.path.abspath(im.path) for im in p.images] for p in products], pa.list_(pa.string())),
         _vector_array(np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), dim),
     ], schema=_product_schema(dim))
 
@@ -247,7 +243,8 @@ def embed_catalog(
     product_parts = -(-len(products) // part_size)
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "catalog": str(Path(catalog).resolve()), "catalog_sha256": _sha256(Path(catalog)),
+        "catalog": str(Path(catalog).resolve()), "catalog_sha256": file_sha256(Path(catalog)),
+        "image_root": str(Path(catalog).resolve().parent),  # what relative catalog paths are relative to
         "model": str(model_folder.resolve()), "model_sha256": model_fingerprint(model_folder),
         "embed_dim": model.config.embed_dim, "image_size": model.image_size,
         "has_decoder": model.config.has_decoder, "part_size": part_size,
@@ -369,6 +366,24 @@ def index_embeddings(
     vectors = embeddings.vectors(field)
     product_ids, metadata = embeddings.row_metadata()
     manifest = embeddings.manifest
+    image_root = Path(manifest.get("image_root") or Path(manifest["catalog"]).parent)
+    _absolute_image_paths(metadata, image_root)
     info = {"field": field, "embeddings": str(Path(folder).resolve()), "model": manifest["model"],
-            "model_sha256": manifest["model_sha256"], "catalog": manifest["catalog"]}
+            "model_sha256": manifest["model_sha256"], "catalog": manifest["catalog"], "image_root": str(image_root)}
     return ProductIndex.build(vectors, product_ids, metadata, kind=kind, memory_budget_mb=memory_budget_mb, info=info)
+
+
+def _absolute_image_paths(metadata: list[dict], image_root: Path) -> None:
+    """Embeddings folders written before image paths were stored absolute hold them relative to
+    the working directory of `eclip embed`, which was the catalog's folder or one above it: the
+    first of those under which the first relative path exists becomes their base (in place)."""
+    relative = [m for m in metadata if m.get("image_path") and not os.path.isabs(m["image_path"])]
+    if not relative:
+        return
+    first = relative[0]["image_path"]
+    base = next((b for b in (image_root, *image_root.parents) if (b / first).is_file()), None)
+    if base is None:
+        logger.warning("image %s is not under %s or a folder above it: relative image paths kept as they are", first, image_root)
+        return
+    for meta in relative:
+        meta["image_path"] = str(base / meta["image_path"])

@@ -3,11 +3,14 @@
 Inner product over L2-normalised vectors, one vector per image, results per distinct product
 (a product scores by its best photo). `kind="auto"` picks flat, HNSW or IVF-PQ from the size
 and the memory budget (`choose_kind`); products are added and removed by id without a rebuild;
-saved atomically without pickle. The design and its reasons: docs/search.md.
+saved atomically without pickle, with the size and SHA-256 of each file in `index.json`;
+`load` checks that the parts agree and raises `IndexFolderError` naming the one that does not.
+The design and its reasons: docs/search.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -38,6 +41,9 @@ IVF_NPROBE = 32
 DEFAULT_MEMORY_BUDGET_MB = 4096
 TOMBSTONE_REBUILD_FRACTION = 0.5
 FILES = ("index.faiss", "vectors.parquet", "products.parquet", "index.json")
+DATA_FILES = FILES[:3]  # the parts index.json fingerprints
+# the FAISS class each kind is saved as (read_index returns the most derived class)
+FAISS_CLASSES = {"flat": "IndexIDMap", "hnsw": "IndexHNSWFlat", "ivfpq": "IndexIVFPQ"}
 
 
 class _ReadWriteLock:
@@ -79,6 +85,30 @@ class _ReadWriteLock:
 
 class IndexFolderError(ValueError):
     """A folder that is not (or no longer) a readable product index."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _read_parquet(path: Path, columns: dict[str, pa.DataType], fail) -> pa.Table:
+    """A Parquet part with the columns (and types) an index needs, else `fail(message)`."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        fail(f"{path.name} is not a readable Parquet file ({error})")
+    for name, kind in columns.items():
+        if name not in table.column_names or table.schema.field(name).type != kind:
+            fail(f"{path.name} has no {kind} column {name!r}")
+    return table
 
 
 @dataclass(frozen=True)
@@ -256,6 +286,15 @@ class ProductIndex:
 
     def product_ids(self) -> list[str]:
         return list(self._products)
+
+    def image_base(self) -> Path | None:
+        """The folder relative image paths are relative to: the catalog's folder (recorded at
+        index time). Index folders built since paths are stored absolute have none."""
+        if self.info.get("image_root"):
+            return Path(self.info["image_root"])
+        if self.info.get("catalog"):
+            return Path(self.info["catalog"]).parent
+        return None
 
     def metadata(self, product_id: str) -> dict:
         try:
@@ -442,41 +481,117 @@ class ProductIndex:
                 "format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "dim": self.dim,
                 "params": self.params, "next_id": self._next_id, "products": len(self._products),
                 "vectors": self._live_vectors, "faiss_ntotal": int(self._index.ntotal), "info": self.info,
+                # the fingerprint: a part from another index, or one cut short, no longer matches
+                "files": {name: _file_digest(tmp / name) for name in DATA_FILES},
             }
             # index.json last: a folder with it is complete (the rename makes it atomic anyway)
             (tmp / "index.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
 
     @classmethod
-    def load(cls, folder) -> ProductIndex:
+    def load(cls, folder, verify: bool = True) -> ProductIndex:
+        """Read an index folder, checking that its parts agree: the files against the sizes and
+        SHA-256 written at save (`verify=False` skips the hashing, not the sizes), then counts,
+        ids, dimension and the FAISS class. Any disagreement, missing or unreadable part is one
+        IndexFolderError naming it. Folders saved before the fingerprint get every other check."""
         folder = Path(folder)
         if not folder.is_dir():
             raise IndexFolderError(f"index folder {folder} does not exist (build one with `eclip index`)")
         missing = [name for name in FILES if not (folder / name).is_file()]
         if missing:
             raise IndexFolderError(f"{folder} is not a product index: missing {', '.join(missing)}")
-        header = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-        if header.get("format") != FORMAT:
+        try:
+            return cls._load_checked(folder, verify)
+        except IndexFolderError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException) as error:
+            raise IndexFolderError(f"{folder}: cannot read the index ({type(error).__name__}: {error}); rebuild it with `eclip index`") from error
+
+    @classmethod
+    def _load_checked(cls, folder: Path, verify: bool) -> ProductIndex:
+        def fail(message: str):
+            raise IndexFolderError(f"{folder}: {message}; rebuild it with `eclip index`")
+
+        try:
+            header = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            fail(f"index.json is not valid JSON ({error})")
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise IndexFolderError(f"{folder}/index.json is not an eclip product index")
         if header.get("version") != FORMAT_VERSION:
             raise IndexFolderError(f"{folder}: index format version {header.get('version')}, this code reads {FORMAT_VERSION}; rebuild it")
-        index = faiss.read_index(str(folder / "index.faiss"))
-        if index.d != header["dim"]:
-            raise IndexFolderError(f"{folder}: index.faiss has dimension {index.d}, index.json says {header['dim']}")
-        self = cls(index, header["kind"], int(header["dim"]), header["params"], header.get("info"))
-        if self.kind == "ivfpq":
-            index.nprobe = self.params["nprobe"]
-        vectors = pq.read_table(folder / "vectors.parquet")
-        products = pq.read_table(folder / "products.parquet")
-        self._next_id = int(header["next_id"])
-        self._grow(self._next_id)
+        for key, kind in (("kind", str), ("dim", int), ("params", dict), ("next_id", int)):
+            if not isinstance(header.get(key), kind):
+                fail(f"index.json has no valid {key!r}")
+        if header["kind"] not in FAISS_CLASSES:
+            fail(f"index.json names an unknown kind {header['kind']!r}")
+        for name, expected in (header.get("files") or {}).items():
+            path = folder / name
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                fail(f"{name} is {size} bytes, index.json says {expected['bytes']} (truncated, or from another index)")
+            if verify and _file_digest(path)["sha256"] != expected["sha256"]:
+                fail(f"{name} does not match the checksum written at save (from another index, or changed since)")
+
+        try:
+            index = faiss.read_index(str(folder / "index.faiss"))
+        except RuntimeError as error:
+            fail(f"index.faiss is not a readable FAISS index ({str(error).strip().splitlines()[-1]})")
+        kind, dim = header["kind"], header["dim"]
+        if type(index).__name__ != FAISS_CLASSES[kind]:
+            fail(f"index.faiss is a {type(index).__name__}, a {kind!r} index is a {FAISS_CLASSES[kind]}")
+        if index.d != dim:
+            fail(f"index.faiss has dimension {index.d}, index.json says {dim}")
+        ntotal = int(index.ntotal)
+        if "faiss_ntotal" in header and ntotal != header["faiss_ntotal"]:
+            fail(f"index.faiss holds {ntotal} vectors, index.json says {header['faiss_ntotal']} (from another index?)")
+
+        vectors = _read_parquet(folder / "vectors.parquet", {"id": pa.int64(), "product_id": pa.string(), "image_path": pa.string()}, fail)
+        products = _read_parquet(folder / "products.parquet", {"product_id": pa.string(), "metadata": pa.string()}, fail)
         ids = vectors.column("id").to_numpy()
         pids = vectors.column("product_id").to_pylist()
+        next_id = header["next_id"]
+        if "vectors" in header and len(ids) != header["vectors"]:
+            fail(f"vectors.parquet has {len(ids)} rows, index.json says {header['vectors']}")
+        if None in pids or (len(ids) and (ids.min() < 0 or ids.max() >= next_id)) or len(np.unique(ids)) != len(ids):
+            fail("vectors.parquet has a missing product id, or a vector id that is repeated or out of range")
+        # live vectors against FAISS: HNSW keeps removed ones as tombstones (ids are positions);
+        # flat (an id map) and IVF-PQ remove for real
+        if kind == "hnsw" and ntotal != next_id:
+            fail(f"index.faiss holds {ntotal} vectors, an HNSW index of next id {next_id} holds {next_id}")
+        if kind != "hnsw" and ntotal != len(ids):
+            fail(f"index.faiss holds {ntotal} vectors, vectors.parquet lists {len(ids)} (from another index?)")
+        if kind == "flat" and not np.array_equal(np.sort(faiss.vector_to_array(index.id_map)), np.sort(ids)):
+            fail("index.faiss holds other vector ids than vectors.parquet (from another index?)")
+
+        product_ids = products.column("product_id").to_pylist()
+        known = set(product_ids)
+        if len(known) != len(product_ids) or None in known:
+            fail("products.parquet repeats a product id or has an empty one")
+        orphans = [p for p in dict.fromkeys(pids) if p not in known]
+        if orphans:
+            fail(f"products.parquet has no row for product {orphans[0]!r}" + (f" and {len(orphans) - 1} more" if len(orphans) > 1 else ""))
+        if "products" in header and len(product_ids) != header["products"]:
+            fail(f"products.parquet has {len(product_ids)} rows, index.json says {header['products']}")
+        if len(known) != len(set(pids)):
+            fail(f"{len(known) - len(set(pids))} product(s) in products.parquet have no vector in vectors.parquet")
+
+        self = cls(index, kind, dim, header["params"], header.get("info"))
+        if kind == "ivfpq":
+            index.nprobe = self.params["nprobe"]
+        self._next_id = next_id
+        self._grow(next_id)
         self._vec_pid[ids] = np.array(pids, dtype=object)
         self._vec_path[ids] = np.array(vectors.column("image_path").to_pylist(), dtype=object)
         for pid, vid in zip(pids, ids.tolist()):
             self._product_vecs.setdefault(pid, []).append(vid)
-        for pid, meta in zip(products.column("product_id").to_pylist(), products.column("metadata").to_pylist()):
-            self._products[pid] = json.loads(meta)
+        for row, (pid, meta) in enumerate(zip(product_ids, products.column("metadata").to_pylist())):
+            try:
+                value = json.loads(meta)
+            except (TypeError, ValueError):
+                value = None
+            if not isinstance(value, dict):
+                fail(f"products.parquet row {row} (product {pid!r}): metadata is not a JSON object")
+            self._products[pid] = value
         self._live_vectors = len(ids)
         return self
 

@@ -10,20 +10,28 @@ model, PyTorch `ECLIP` or `OnnxEncoder`, plus a `ProductIndex`), wrapped in a `S
     GET  /                       the web page (search box, upload, result grid with boxes)
 
 Safety: binds 127.0.0.1 unless told otherwise; an optional API key (X-API-Key or
-Authorization: Bearer) compared in constant time; request bodies are capped while they stream
-in (413 before the rest is read); images are checked for their pixel count from the header
-before decoding; every bad field gets a 4xx JSON error that names it.
+Authorization: Bearer) compared in constant time; an optional Host allow-list (DNS rebinding);
+request bodies are capped while they stream in (413 before the rest is read) and must arrive
+within a read timeout (408); images are checked for their pixel count from the header before
+decoding; every bad field gets a 4xx JSON error `{"error": {"status", "field", "message"}}`
+that names it; anything else is a 500 of the same shape with a request id, logged once, and
+the connection stays open.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hmac
 import io
 import json
 import logging
+import mimetypes
 import os
+import string
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,11 +41,14 @@ import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
+from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.evaluation import PROMPTS
 from eclip.model.grounding import upsample_heatmap
 
@@ -47,13 +58,15 @@ from .searcher import Searcher
 logger = logging.getLogger("eclip.serve")
 
 WEB_DIR = Path(__file__).parent / "web"
+MAX_PATH_CHARS, MAX_NAME_CHARS = 4096, 255  # Linux PATH_MAX and NAME_MAX
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 # formats PIL may try on an upload: the usual web formats, not every plugin PIL ships
 UPLOAD_FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "BMP"]
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PATHS = {"/", "/health", "/favicon.ico"}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; frame-ancestors 'none'"),
     (b"referrer-policy", b"no-referrer"),
 ]
 
@@ -68,7 +81,12 @@ class ServeSettings:
     max_k: int = 100
     max_text_chars: int = 1000
     max_items: int = 64  # texts or images per /embed request, labels per /classify
+    # labels x prompts of one /classify request: each is a text encoding (64 labels x 5 prompts)
+    max_classify_texts: int = 320
     max_ground: int = 24  # results grounded by /search?ground=1
+    read_timeout_s: float = 60.0  # the whole request body must arrive within this (408 after)
+    # Host header names answered (None: any); "*" any, "*.example.com" its subdomains
+    allowed_hosts: list[str] | None = None
     image_roots: list[Path] = field(default_factory=list)  # extra allowed image folders
 
 
@@ -100,7 +118,10 @@ class SearchService:
         self.index = searcher.index
         self.image_size: int = self.model.image_size
         self.backend = getattr(self.model, "backend", "torch")
-        roots = [Path(r) for r in image_roots] if image_roots else self._catalog_roots(self.index)
+        # relative image paths (index folders written before paths were made absolute) are
+        # relative to the catalog's folder: the index records it
+        self.image_base = self.index.image_base()
+        roots = [Path(r) for r in image_roots] if image_roots else self._catalog_roots(self.index, self.image_base)
         # resolved once: the check compares resolved paths, so a symlinked root still works
         self.image_roots = sorted({r.resolve() for r in roots if Path(r).is_dir()}, key=str)
 
@@ -121,14 +142,31 @@ class SearchService:
         return cls(Searcher.load(model_folder, index_folder), image_roots)
 
     @staticmethod
-    def _catalog_roots(index: Any) -> list[Path]:
+    def _catalog_roots(index: Any, base: Path | None = None) -> list[Path]:
         """The folders of every image the index knows: the only places /image serves from."""
         roots: set[Path] = set()
         for pid in index.product_ids():
             for path in _metadata_images(index.metadata(pid)):
                 if os.path.isabs(path):
                     roots.add(Path(path).parent)
+                elif base is not None:
+                    roots.add((base / path).parent)
         return sorted(roots, key=str)
+
+    def missing_images(self, sample: int = 256) -> tuple[int, int, list[str]]:
+        """(missing, checked, a few missing paths) over the first photo of up to `sample`
+        products spread over the index: `eclip serve` warns at start when the photos moved."""
+        pids = self.index.product_ids()
+        if len(pids) > sample:  # products first: no pass over a million products' metadata
+            pids = [pids[i] for i in np.linspace(0, len(pids) - 1, sample).astype(int)]
+        paths = [images[0] for pid in pids if (images := _metadata_images(self.index.metadata(pid)))]
+        missing = []
+        for path in paths:
+            try:
+                self.resolve_image(path)
+            except ApiError:
+                missing.append(path)
+        return len(missing), len(paths), missing[:3]
 
     # ---- encoders
 
@@ -182,26 +220,43 @@ class SearchService:
 
     def resolve_image(self, path: str) -> Path:
         """An image path from the catalog (or a client) -> a real file under an allowed root.
-        Raises ApiError 403 outside the roots (after resolving `..` and symlinks), 404 if missing."""
+        Raises ApiError 403 outside the roots (after resolving `..` and symlinks), 404 if missing,
+        400 for a path the file system refuses (too long, bad bytes)."""
         if not path or "\x00" in path:
             raise ApiError(400, "path", "path must be a non-empty file path")
-        candidates = [Path(path)] if os.path.isabs(path) else [root / path for root in self.image_roots]
+        if len(path) > MAX_PATH_CHARS or any(len(part) > MAX_NAME_CHARS for part in path.split("/")):
+            raise ApiError(400, "path", f"path longer than {MAX_PATH_CHARS} characters or a name longer than {MAX_NAME_CHARS}")
+        if os.path.isabs(path):
+            candidates = [Path(path)]
+        else:
+            bases = ([self.image_base] if self.image_base is not None else []) + self.image_roots
+            candidates = [base / path for base in bases]
         outside = True
         for candidate in candidates:
             try:
                 resolved = candidate.resolve(strict=False)
-            except (OSError, RuntimeError):  # symlink loops
+                if not any(resolved.is_relative_to(root) for root in self.image_roots):
+                    continue
+                outside = False
+                if resolved.suffix.lower() not in IMAGE_SUFFIXES:
+                    raise ApiError(403, "path", "only image files are served")
+                if resolved.is_file():
+                    return resolved
+            except (OSError, RuntimeError, ValueError):  # too long, symlink loops, bad bytes
                 continue
-            if not any(resolved.is_relative_to(root) for root in self.image_roots):
-                continue
-            outside = False
-            if resolved.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ApiError(403, "path", "only image files are served")
-            if resolved.is_file():
-                return resolved
         if outside:
             raise ApiError(403, "path", "path is outside the catalog's image folders")
         raise ApiError(404, "path", "no such image")
+
+    def catalog_image(self, path: str, max_pixels: int) -> Image.Image:
+        """A catalog photo, decoded under the same guards as an upload (pixel count from the
+        header first). ApiError (field `path`) when it is gone, unreadable or too large."""
+        resolved = self.resolve_image(path)
+        try:
+            data = resolved.read_bytes()
+        except OSError as error:
+            raise ApiError(404, "path", f"cannot read the image: {error.strerror or error}") from error
+        return decode_image(data, max_pixels, "path")
 
     def ground_many(self, images: list[Image.Image], texts: list[str]) -> list[dict]:
         """Box (fractions of width and height) and heat map of text i in image i."""
@@ -223,6 +278,7 @@ class SearchService:
         return out
 
     def classify(self, image: Image.Image, labels: list[str], prompts: list[str]) -> list[dict]:
+        """Zero-shot scores of `labels`; each prompt holds one `{}` (`check_prompt`)."""
         with torch.inference_mode():
             encoding = self.model.encode_image(self._batch([image]))
             # as evaluation.encode_labels: each label's prompts embedded, averaged, renormalised
@@ -248,6 +304,27 @@ def heatmap_png(heatmap: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- request parsing
+
+
+def check_prompt(prompt: str) -> None:
+    """A classification prompt is a `str.format` template with exactly one replacement field,
+    the plain `{}` (literal braces written `{{` `}}`); anything else is ApiError on `prompts`."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(prompt)
+                  if name is not None]
+    except ValueError as error:  # a lone `{` or `}`
+        raise ApiError(400, "prompts", f"prompt {prompt!r} is not a valid template ({error}); write a literal brace as {{{{ or }}}}") from None
+    if fields != [("", "", None)]:
+        raise ApiError(400, "prompts", f"each prompt needs exactly one {{}} for the label and no other field: {prompt!r}")
+
+
+def _has_surrogate(text: str) -> bool:
+    """A lone UTF-16 surrogate (JSON allows `\\ud800`): no UTF-8 form, so no tokenizer or reply can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def decode_image(data: bytes, max_pixels: int, field_name: str = "image", request_left: int | None = None) -> Image.Image:
@@ -287,11 +364,15 @@ class Payload:
         if content_type == "application/json":
             try:
                 data = json.loads(await request.body() or b"null")
+            except RecursionError:
+                raise ApiError(400, "body", "JSON nested too deeply") from None
             except (ValueError, UnicodeDecodeError) as error:
-                raise ApiError(400, None, f"body is not valid JSON: {error}") from error
+                raise ApiError(400, "body", f"body is not valid JSON: {error}") from error
             if not isinstance(data, dict):
-                raise ApiError(400, None, "JSON body must be an object")
+                raise ApiError(400, "body", "JSON body must be an object")
             for name, value in data.items():
+                if _has_surrogate(name):
+                    raise ApiError(400, "body", f"field name {name!r} holds a lone surrogate (not valid Unicode text)")
                 fields[name] = value if isinstance(value, list) else [value]
         elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
             form = await request.form(max_files=settings.max_items, max_fields=4 * settings.max_items)
@@ -301,8 +382,10 @@ class Payload:
             for name, value in request.query_params.multi_items():
                 fields.setdefault(name, []).append(value)
         else:
-            raise ApiError(415, None, "send application/json or multipart/form-data")
+            raise ApiError(415, "content-type", "send application/json or multipart/form-data")
         for name in fields:
+            if not name:
+                raise ApiError(400, "body", f"a field with an empty name; allowed: {', '.join(sorted(allowed))}")
             if name not in allowed:
                 raise ApiError(400, name, f"unknown field {name!r}; allowed: {', '.join(sorted(allowed))}")
         return cls(fields, settings)
@@ -333,6 +416,8 @@ class Payload:
     def _check_text(self, name: str, value: Any) -> str:
         if not isinstance(value, str):
             raise ApiError(400, name, f"{name} must be a string")
+        if _has_surrogate(value):
+            raise ApiError(400, name, f"{name} holds a lone surrogate (not valid Unicode text)")
         value = value.strip()
         if not value:
             raise ApiError(400, name, f"{name} must not be empty")
@@ -358,6 +443,8 @@ class Payload:
         value = self._one(name)
         if value is None or isinstance(value, bool):
             return bool(value)
+        if not isinstance(value, (int, str)):
+            raise ApiError(400, name, f"{name} must be a boolean (0/1, true/false)")
         if str(value).lower() in ("1", "true", "yes", "on"):
             return True
         if str(value).lower() in ("0", "false", "no", "off", ""):
@@ -399,21 +486,41 @@ class Payload:
 
 
 class RequestGuard:
-    """Outermost layer: API key and body size, checked before any body byte is parsed.
+    """Outermost layer: Host allow-list, API key and body size, checked before any body byte
+    is parsed; the body's read timeout; a request id; and the last catch of any exception.
 
     A declared Content-Length over the limit is refused at once; a body without one (chunked)
     is counted as it streams in and the request fails with 413 at the first byte past the limit.
+    An exception that escapes the app was already answered (500, JSON, logged once by the
+    app's handler): it is not raised further, so the server keeps the connection open.
     """
 
     def __init__(self, app, settings: ServeSettings):
         self.app = app
         self.settings = settings
         self.key = settings.api_key.encode() if settings.api_key else None
+        self.hosts = None if settings.allowed_hosts is None else [h.strip().lower() for h in settings.allowed_hosts]
+
+    def host_allowed(self, host_header: str) -> bool:
+        if self.hosts is None or "*" in self.hosts:
+            return True
+        host = host_header.strip().lower()
+        if host.startswith("["):  # [::1]:8000
+            host = host[1:].split("]", 1)[0]
+        elif host.count(":") == 1:
+            host = host.split(":", 1)[0]
+        return any(host == h or (h.startswith("*.") and host.endswith(h[1:])) for h in self.hosts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        scope["eclip.request_id"] = request_id
+        id_header = (b"x-request-id", request_id.encode())
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not self.host_allowed(headers.get("host", "")):
+            return await _send_error(send, 400, "Host", f"host {headers.get('host', '')!r} is not served here "
+                                     "(eclip serve --allowed-hosts)", [id_header])
         if self.key is not None and scope["path"] not in PUBLIC_PATHS and not scope["path"].startswith("/static/"):
             given = headers.get("x-api-key")
             auth = headers.get("authorization", "")
@@ -421,40 +528,74 @@ class RequestGuard:
                 given = auth[7:].strip()
             # compare_digest: the time taken does not depend on how much of the key matched
             if given is None or not hmac.compare_digest(given.encode("utf-8", "replace"), self.key):
-                return await _send_error(send, 401, None, "missing or wrong API key (X-API-Key or Authorization: Bearer)",
-                                         [(b"www-authenticate", b"Bearer")])
+                return await _send_error(send, 401, "X-API-Key", "missing or wrong API key (X-API-Key or Authorization: Bearer)",
+                                         [(b"www-authenticate", b"Bearer"), id_header])
         limit = self.settings.max_upload_bytes
         length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                return await _send_error(send, 400, None, "bad Content-Length")
+                return await _send_error(send, 400, "Content-Length", "bad Content-Length", [id_header])
             if int(length) > limit:
-                return await _send_error(send, 413, None, f"request body is {int(length)} bytes; at most {limit} allowed")
+                return await _send_error(send, 413, "body", f"request body is {int(length)} bytes; at most {limit} allowed",
+                                         [id_header])
         received = 0
+        body_done = False
+        timeout = self.settings.read_timeout_s
+        deadline = time.monotonic() + timeout
 
         async def limited_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives wait for a disconnect, which may come at any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise ApiError(408, "body", f"the request body did not arrive within {timeout:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise ApiError(413, None, f"request body exceeds {limit} bytes")
+                    raise ApiError(413, "body", f"request body exceeds {limit} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         start = time.perf_counter()
+        started = False
 
         async def send_with_headers(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 elapsed = f"app;dur={(time.perf_counter() - start) * 1000:.1f}"
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS,
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS, id_header,
                                       (b"server-timing", elapsed.encode())]
             await send(message)
 
-        return await self.app(scope, limited_receive, send_with_headers)
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        except Exception as error:
+            if getattr(error, "_eclip_logged", False) and started:
+                return  # answered and logged by the app's handler
+            logger.error("request %s %s %s failed", request_id, scope.get("method"), scope.get("path"), exc_info=error)
+            if not started:
+                await _send_error(send, 500, None, f"internal error (request id {request_id})", [id_header])
+
+
+def _error_body(status: int, field_name: str | None, message: str, request_id: str | None = None) -> bytes:
+    error: dict[str, Any] = {"status": status, "field": field_name, "message": message}
+    if request_id:
+        error["request_id"] = request_id
+    # ASCII escapes: a message that quotes the client's text can always be encoded
+    return json.dumps({"error": error}).encode()
+
+
+def error_response(status: int, field_name: str | None, message: str, request_id: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    return Response(_error_body(status, field_name, message, request_id), status_code=status,
+                    media_type="application/json", headers=headers)
 
 
 async def _send_error(send, status: int, field_name: str | None, message: str, extra_headers=()) -> None:
-    body = json.dumps({"error": {"status": status, "field": field_name, "message": message}}).encode()
+    body = _error_body(status, field_name, message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *SECURITY_HEADERS, *extra_headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -476,8 +617,37 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     @app.exception_handler(ApiError)
     async def api_error(_request, error: ApiError):
-        return JSONResponse({"error": {"status": error.status, "field": error.field, "message": error.message}},
-                            status_code=error.status)
+        # a body that did not arrive in time is abandoned half-read: the connection cannot be reused
+        headers = {"Connection": "close"} if error.status == 408 else None
+        return error_response(error.status, error.field, error.message, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, error: StarletteHTTPException):
+        # the framework's own refusals (unknown route, wrong method, malformed multipart)
+        field_name = {404: "url", 405: "method"}.get(error.status_code, "body")
+        return error_response(error.status_code, field_name, str(error.detail), headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, error: RequestValidationError):
+        first = (error.errors() or [{}])[0]
+        location = [str(part) for part in first.get("loc", ()) if part not in ("query", "body", "path")]
+        return error_response(400, location[-1] if location else "query", str(first.get("msg", "invalid request")))
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, _error: ClientDisconnect):
+        # an aborted upload is the client's doing: one line, no traceback; nobody reads the reply
+        logger.info("request %s: client disconnected before its body was read", request.scope.get("eclip.request_id"))
+        return error_response(400, "body", "client disconnected")
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, error: Exception):
+        # a real server fault: logged once here with its request id (RequestGuard then drops the
+        # re-raised exception so the server keeps the connection), never a traceback to the client
+        request_id = request.scope.get("eclip.request_id")
+        logger.error("request %s %s %s failed", request_id, request.method, request.url.path, exc_info=error)
+        with contextlib.suppress(AttributeError):
+            error._eclip_logged = True  # type: ignore[attr-defined]
+        return error_response(500, None, f"internal error (request id {request_id})", request_id)
 
     @app.get("/health")
     async def health():
@@ -498,7 +668,7 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
             start = time.perf_counter()
             results = service.search(text, image, k)
             if ground:
-                _ground_results(service, results, text, settings.max_ground)
+                _ground_results(service, results, text, settings.max_ground, settings.max_pixels)
             return {"query": {"text": text, "image": image is not None, "k": k}, "results": results,
                     "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
@@ -534,8 +704,11 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
             raise ApiError(400, "labels", f"labels must be distinct, at most {settings.max_items}")
         prompts = payload.texts("prompts") or PROMPTS
         for prompt in prompts:
-            if prompt.count("{}") != 1 or "{" in prompt.replace("{}", ""):
-                raise ApiError(400, "prompts", f"each prompt needs exactly one {{}} for the label: {prompt!r}")
+            check_prompt(prompt)
+        if len(labels) * len(prompts) > settings.max_classify_texts:
+            raise ApiError(400, "prompts" if payload.has("prompts") else "labels",
+                           f"{len(labels)} labels x {len(prompts)} prompts = {len(labels) * len(prompts)} texts to "
+                           f"encode; at most {settings.max_classify_texts}")
         return {"labels": await run_in_threadpool(service.classify, image, labels, prompts)}
 
     @app.post("/ground")
@@ -549,7 +722,7 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
             raise ApiError(400, "image", "give an image or a product_id")
 
         def run():
-            image = uploaded if uploaded is not None else _product_image(service, pid, image_index)
+            image = uploaded if uploaded is not None else _product_image(service, pid, image_index, settings.max_pixels)
             g = service.ground_many([image], [text])[0]
             heat = g.pop("heatmap")
             return {**g, "heatmap_png": heatmap_png(heat), "image_size": [image.width, image.height]}
@@ -558,8 +731,14 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     @app.get("/image")
     async def image_file(path: str = ""):
-        resolved = service.resolve_image(path)
-        return FileResponse(resolved, headers={"Cache-Control": "private, max-age=3600"})
+        resolved = await run_in_threadpool(service.resolve_image, path)
+        try:
+            # read here, not streamed: a file that vanishes or shrinks now is a 404, not a reply cut short
+            data = await run_in_threadpool(resolved.read_bytes)
+        except OSError as error:
+            raise ApiError(404, "path", f"cannot read the image: {error.strerror or error}") from error
+        media_type = mimetypes.guess_type(resolved.name)[0] or "application/octet-stream"
+        return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/")
     async def page():
@@ -577,7 +756,9 @@ def _split_labels(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _product_image(service: SearchService, pid: str, index: int) -> Image.Image:
+def _product_image(service: SearchService, pid: str, index: int, max_pixels: int) -> Image.Image:
+    """A product's catalog photo for /ground. A photo deleted, truncated or replaced since
+    indexing is 409 Conflict on `product_id`: the index and the files disagree."""
     try:
         meta = service.index.metadata(pid)
     except (KeyError, IndexError) as error:
@@ -585,20 +766,28 @@ def _product_image(service: SearchService, pid: str, index: int) -> Image.Image:
     images = _metadata_images(meta)
     if index >= len(images):
         raise ApiError(400, "image_index", f"product {pid!r} has {len(images)} images")
-    return load_rgb(str(service.resolve_image(images[index])))
+    try:
+        return service.catalog_image(images[index], max_pixels)
+    except ApiError as error:
+        raise ApiError(409, "product_id", f"image {index} of product {pid!r} ({images[index]}) cannot be used: "
+                       f"{error.message}; the catalog changed since indexing (re-embed and re-index it)") from error
 
 
-def _ground_results(service: SearchService, results: list[dict], text: str | None, limit: int) -> None:
+def _ground_results(service: SearchService, results: list[dict], text: str | None, limit: int, max_pixels: int) -> None:
     """Adds `box` to the first `limit` results: where the query text (or, for an image query,
-    the product's own title) is in the result's shown image."""
+    the product's own title) is in the result's shown image. A result whose photo is missing
+    or unreadable gets `box: null` and a `warning` saying why."""
     todo, images, texts = [], [], []
     for result in results[:limit]:
+        result["box"] = None
         if not result["image"]:
+            result["warning"] = "no box: the product has no image"
             continue
         try:
-            image = load_rgb(str(service.resolve_image(result["image"])))
-        except (ApiError, OSError) as error:
-            logger.warning("cannot ground %s: %s", result["product_id"], error)
+            image = service.catalog_image(result["image"], max_pixels)
+        except ApiError as error:
+            logger.warning("cannot ground %s: %s", result["product_id"], error.message)
+            result["warning"] = f"no box: its image cannot be used ({error.message})"
             continue
         todo.append(result)
         images.append(image)
@@ -615,6 +804,6 @@ def _ground_results(service: SearchService, results: list[dict], text: str | Non
 def serve(service: SearchService, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+    if host not in LOOPBACK_HOSTS and settings.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can query it", host)
     uvicorn.run(create_app(service, settings), host=host, port=port, log_level="info", access_log=False)
