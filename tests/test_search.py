@@ -516,3 +516,21 @@ def test_cli_bad_inputs_give_clear_errors(model_dir, index_dir, tmp_path, capsys
     assert "16-d vectors but the model embeds into 8-d" in capsys.readouterr().err
     assert main(["-q", "index", "--embeddings", str(tmp_path), "--out", str(tmp_path / "i2")]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_index_load_finishes_a_replace_cut_short(index_dir, tmp_path):
+    """A kill between `X -> .X.old` and `.X.new -> X` leaves no index folder; the next load
+    finishes the swap (the new content) instead of failing."""
+    import shutil
+
+    old = ProductIndex.load(index_dir)
+    target = tmp_path / "index"
+    shutil.copytree(index_dir, target)
+    new = ProductIndex.load(index_dir)
+    first = old.product_ids()[0]
+    new.remove([first])
+    new.save(tmp_path / ".index.new")  # step 2 done: the new content is complete
+    target.rename(tmp_path / ".index.old")  # step 3 done, killed before step 4
+    loaded = ProductIndex.load(target)
+    assert len(loaded) == len(old) - 1 and first not in loaded.product_ids()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]

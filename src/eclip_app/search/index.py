@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eclip.atomic import atomic_folder
+from eclip.atomic import atomic_folder, recover_folder
 
 FORMAT = "eclip-product-index"
 FORMAT_VERSION = 1
@@ -492,8 +492,10 @@ class ProductIndex:
         """Read an index folder, checking that its parts agree: the files against the sizes and
         SHA-256 written at save (`verify=False` skips the hashing, not the sizes), then counts,
         ids, dimension and the FAISS class. Any disagreement, missing or unreadable part is one
-        IndexFolderError naming it. Folders saved before the fingerprint get every other check."""
+        IndexFolderError naming it. Folders saved before the fingerprint get every other check.
+        A replace of the folder cut short by a kill is finished or undone first (`recover_folder`)."""
         folder = Path(folder)
+        recover_folder(folder)
         if not folder.is_dir():
             raise IndexFolderError(f"index folder {folder} does not exist (build one with `eclip index`)")
         missing = [name for name in FILES if not (folder / name).is_file()]
