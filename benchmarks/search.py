@@ -164,11 +164,87 @@ def index_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+# ----------------------------------------------------------------------------- wrapper section
+# (ProductIndex.search against the raw FAISS index inside it: the wrapper's overhead)
+
+
+def _paired_latencies(index: ProductIndex, raw: faiss.Index, queries: np.ndarray, k: int):
+    """Per query, ProductIndex.search and the raw index's search one after the other, the
+    order alternating; (wall ms, CPU ms) for each and the number of identical top-k lists."""
+    times = {"wrapper": ([], []), "raw": ([], [])}
+    calls = {"wrapper": lambda q: index.search(q, k), "raw": lambda q: raw.search(q, k)}
+    same = 0
+    for i in range(len(queries)):
+        q = queries[i : i + 1]
+        out = {}
+        for name in ("wrapper", "raw") if i % 2 == 0 else ("raw", "wrapper"):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            out[name] = calls[name](q)
+            times[name][1].append(time.thread_time() - start_cpu)
+            times[name][0].append(time.perf_counter() - start)
+        same += [pid for pid, _ in out["wrapper"][0]] == [f"p{int(j):07d}" for j in out["raw"][1][0]]
+    wrapper, raw_ = (tuple(np.array(t) * 1000 for t in times[name]) for name in ("wrapper", "raw"))
+    return wrapper, raw_, same
+
+
+def wrapper_section(args) -> str:
+    """For each size: one HNSW ProductIndex, then per query `ProductIndex.search(q, k)` and the
+    raw FAISS index it holds (`index.search(q, k)` with the same efSearch) one after the other,
+    in alternating order, so both see the same load; wall-clock and CPU time of this thread."""
+    sizes = [20_000] if args.quick else [int(s) for s in args.wrapper_sizes.split(",")]
+    dim, k, ef = args.wrapper_dim, 10, args.wrapper_ef_search
+    header = ["vectors", "build s", "ProductIndex p50 / p95 ms", "raw FAISS p50 / p95 ms", "ratio p50 / p95",
+              "CPU ms ProductIndex p50 / p95", "CPU ms raw p50 / p95", "CPU ratio p50 / p95", "same top-10"]
+    rows = []
+    for n in sizes:
+        print(f"[wrapper] {n:,} vectors: generating", flush=True)
+        data = clustered_vectors(n + args.queries, dim, seed=args.seed)
+        queries = data[n:].copy()
+        data = data[:n]
+        faiss.omp_set_num_threads(args.threads)
+        start = time.perf_counter()
+        index = ProductIndex.build(data, [f"p{i:07d}" for i in range(n)], [{}] * n, kind="hnsw",
+                                   params={"M": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": ef})
+        build = time.perf_counter() - start
+        print(f"[wrapper] built in {build:.0f} s", flush=True)
+        del data
+        raw = index._index  # the FAISS index ProductIndex searches
+        raw.hnsw.efSearch = ef
+        faiss.omp_set_num_threads(1)
+        _paired_latencies(index, raw, queries, k)  # warm-up pass: caches, first-touch pages
+        (w_wall, w_cpu), (r_wall, r_cpu), same = _paired_latencies(index, raw, queries, k)
+        w, r = np.percentile(w_wall, [50, 95]), np.percentile(r_wall, [50, 95])
+        wc, rc = np.percentile(w_cpu, [50, 95]), np.percentile(r_cpu, [50, 95])
+        rows.append([f"{n:,}", f"{build:.0f}", f"{w[0]:.3f} / {w[1]:.3f}", f"{r[0]:.3f} / {r[1]:.3f}",
+                     f"{w[0] / r[0]:.2f}x / {w[1] / r[1]:.2f}x", f"{wc[0]:.3f} / {wc[1]:.3f}", f"{rc[0]:.3f} / {rc[1]:.3f}",
+                     f"{wc[0] / rc[0]:.2f}x / {wc[1] / rc[1]:.2f}x", f"{same / len(queries):.3f}"])
+        print(" | ".join(rows[-1]), flush=True)
+        del index, raw
+        gc.collect()
+    faiss.omp_set_num_threads(args.threads)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = (f"\n{dim}-d float32 clustered unit vectors, one per product; HNSW M={args.hnsw_m}, "
+            f"efConstruction={args.ef_construction} (built with {args.threads} FAISS threads), efSearch={ef}, k={k}, "
+            f"{args.queries} queries from the index's distribution, one at a time on 1 FAISS thread; each query "
+            "timed through ProductIndex.search (normalisation check, read lock, FAISS, id -> product, "
+            "distinct products) and through the raw FAISS index it holds, in alternating order. \"same top-10\": "
+            "share of queries whose 10 product ids equal the raw index's 10 ids, in order.")
+    return "\n".join(lines) + "\n" + note
+
+
+def wrapper_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("wrapper section")
+    group.add_argument("--wrapper-sizes", default="100000,1000000", help="vector counts, comma separated")
+    group.add_argument("--wrapper-dim", type=int, default=256)
+    group.add_argument("--wrapper-ef-search", type=int, default=128)
+
+
 # ----------------------------------------------------------------------------- registry
 
 # name -> function(args) -> Markdown; other sections append here
-SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {"index": index_section}
-ARGUMENTS: list[Callable[[argparse.ArgumentParser], None]] = [index_arguments]
+SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {"index": index_section, "wrapper": wrapper_section}
+ARGUMENTS: list[Callable[[argparse.ArgumentParser], None]] = [index_arguments, wrapper_arguments]
 
 
 # ----------------------------------------------------------------------------- http section
