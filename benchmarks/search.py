@@ -164,11 +164,87 @@ def index_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
 
 
+# ----------------------------------------------------------------------------- wrapper section
+# (ProductIndex.search against the raw FAISS index inside it: the wrapper's overhead)
+
+
+def _paired_latencies(index: ProductIndex, raw: faiss.Index, queries: np.ndarray, k: int):
+    """Per query, ProductIndex.search and the raw index's search one after the other, the
+    order alternating; (wall ms, CPU ms) for each and the number of identical top-k lists."""
+    times = {"wrapper": ([], []), "raw": ([], [])}
+    calls = {"wrapper": lambda q: index.search(q, k), "raw": lambda q: raw.search(q, k)}
+    same = 0
+    for i in range(len(queries)):
+        q = queries[i : i + 1]
+        out = {}
+        for name in ("wrapper", "raw") if i % 2 == 0 else ("raw", "wrapper"):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            out[name] = calls[name](q)
+            times[name][1].append(time.thread_time() - start_cpu)
+            times[name][0].append(time.perf_counter() - start)
+        same += [pid for pid, _ in out["wrapper"][0]] == [f"p{int(j):07d}" for j in out["raw"][1][0]]
+    wrapper, raw_ = (tuple(np.array(t) * 1000 for t in times[name]) for name in ("wrapper", "raw"))
+    return wrapper, raw_, same
+
+
+def wrapper_section(args) -> str:
+    """For each size: one HNSW ProductIndex, then per query `ProductIndex.search(q, k)` and the
+    raw FAISS index it holds (`index.search(q, k)` with the same efSearch) one after the other,
+    in alternating order, so both see the same load; wall-clock and CPU time of this thread."""
+    sizes = [20_000] if args.quick else [int(s) for s in args.wrapper_sizes.split(",")]
+    dim, k, ef = args.wrapper_dim, 10, args.wrapper_ef_search
+    header = ["vectors", "build s", "ProductIndex p50 / p95 ms", "raw FAISS p50 / p95 ms", "ratio p50 / p95",
+              "CPU ms ProductIndex p50 / p95", "CPU ms raw p50 / p95", "CPU ratio p50 / p95", "same top-10"]
+    rows = []
+    for n in sizes:
+        print(f"[wrapper] {n:,} vectors: generating", flush=True)
+        data = clustered_vectors(n + args.queries, dim, seed=args.seed)
+        queries = data[n:].copy()
+        data = data[:n]
+        faiss.omp_set_num_threads(args.threads)
+        start = time.perf_counter()
+        index = ProductIndex.build(data, [f"p{i:07d}" for i in range(n)], [{}] * n, kind="hnsw",
+                                   params={"M": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": ef})
+        build = time.perf_counter() - start
+        print(f"[wrapper] built in {build:.0f} s", flush=True)
+        del data
+        raw = index._index  # the FAISS index ProductIndex searches
+        raw.hnsw.efSearch = ef
+        faiss.omp_set_num_threads(1)
+        _paired_latencies(index, raw, queries, k)  # warm-up pass: caches, first-touch pages
+        (w_wall, w_cpu), (r_wall, r_cpu), same = _paired_latencies(index, raw, queries, k)
+        w, r = np.percentile(w_wall, [50, 95]), np.percentile(r_wall, [50, 95])
+        wc, rc = np.percentile(w_cpu, [50, 95]), np.percentile(r_cpu, [50, 95])
+        rows.append([f"{n:,}", f"{build:.0f}", f"{w[0]:.3f} / {w[1]:.3f}", f"{r[0]:.3f} / {r[1]:.3f}",
+                     f"{w[0] / r[0]:.2f}x / {w[1] / r[1]:.2f}x", f"{wc[0]:.3f} / {wc[1]:.3f}", f"{rc[0]:.3f} / {rc[1]:.3f}",
+                     f"{wc[0] / rc[0]:.2f}x / {wc[1] / rc[1]:.2f}x", f"{same / len(queries):.3f}"])
+        print(" | ".join(rows[-1]), flush=True)
+        del index, raw
+        gc.collect()
+    faiss.omp_set_num_threads(args.threads)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = (f"\n{dim}-d float32 clustered unit vectors, one per product; HNSW M={args.hnsw_m}, "
+            f"efConstruction={args.ef_construction} (built with {args.threads} FAISS threads), efSearch={ef}, k={k}, "
+            f"{args.queries} queries from the index's distribution, one at a time on 1 FAISS thread; each query "
+            "timed through ProductIndex.search (normalisation check, read lock, FAISS, id -> product, "
+            "distinct products) and through the raw FAISS index it holds, in alternating order. \"same top-10\": "
+            "share of queries whose 10 product ids equal the raw index's 10 ids, in order.")
+    return "\n".join(lines) + "\n" + note
+
+
+def wrapper_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("wrapper section")
+    group.add_argument("--wrapper-sizes", default="100000,1000000", help="vector counts, comma separated")
+    group.add_argument("--wrapper-dim", type=int, default=256)
+    group.add_argument("--wrapper-ef-search", type=int, default=128)
+
+
 # ----------------------------------------------------------------------------- registry
 
 # name -> function(args) -> Markdown; other sections append here
-SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {"index": index_section}
-ARGUMENTS: list[Callable[[argparse.ArgumentParser], None]] = [index_arguments]
+SECTIONS: dict[str, Callable[[argparse.Namespace], str]] = {"index": index_section, "wrapper": wrapper_section}
+ARGUMENTS: list[Callable[[argparse.ArgumentParser], None]] = [index_arguments, wrapper_arguments]
 
 
 # ----------------------------------------------------------------------------- http section
@@ -179,50 +255,102 @@ HTTP_QUERIES = ["red striped shirt", "blue denim jeans", "black leather handbag"
                 "pink floral blouse", "navy baseball cap", "orange backpack", "silver wrist watch"]
 
 
-def _http_server(conn, n: int, preset: str, torch_threads: int, seed: int, encoder: str = "torch") -> None:
-    """Child process: a `preset` model (untrained: latency only), n products of clustered vectors
-    with metadata, `eclip serve`'s app under uvicorn on a free loopback port (sent back on conn).
-    encoder "onnx": the model exported and served through onnxruntime (`eclip serve --onnx`)."""
-    import socket
-    import tempfile
+def _http_fixture(folder: str, n: int, preset: str, encoders: list[str], seed: int, threads: int) -> dict:
+    """In `folder`: a `preset` model (pretrained towers where the preset has them, untrained
+    heads: latency only) as a model folder and, for the onnx encoder, its `eclip export --onnx`
+    folder; n products of random clustered unit vectors with metadata as a saved index. Built
+    once here, so each server process only loads them, as `eclip serve` does."""
+    from pathlib import Path
 
     import torch
-    import uvicorn
 
     import eclip
-    from eclip_app.search.searcher import Searcher
-    from eclip_app.search.serve import SearchService, ServeSettings, create_app
+    from eclip.io import save_model
 
-    torch.set_num_threads(torch_threads)
-    faiss.omp_set_num_threads(1)  # one query per request: no parallelism to gain, only contention
+    folder = Path(folder)
     torch.manual_seed(seed)
     model = eclip.create_model(preset).eval()
+    save_model(model, folder / "model")
+    if "onnx" in encoders:
+        from eclip_app.search.export import export_onnx
+
+        export_onnx(model, folder / "onnx")
     vectors = clustered_vectors(n, model.config.embed_dim, seed=seed)
     colours = ["red", "blue", "black", "white", "green", "yellow", "grey", "brown"]
     kinds = ["shirt", "jeans", "handbag", "shoes", "dress", "jacket", "scarf", "boots"]
     meta = [{"title": f"{colours[i % 8]} {kinds[(i // 8) % 8]} model {i}", "category": kinds[(i // 8) % 8],
              "attributes": {"colour": colours[i % 8], "size": "M"}, "image_path": f"/srv/catalog/images/p{i:07d}.jpg"}
             for i in range(n)]
+    faiss.omp_set_num_threads(threads)
     start = time.perf_counter()
     index = ProductIndex.build(vectors, [f"p{i:07d}" for i in range(n)], meta, kind="auto")
     build_s = time.perf_counter() - start
-    if encoder == "onnx":
-        from eclip_app.search.export import OnnxEncoder, export_onnx
+    index.save(folder / "index")
+    return {"kind": index.kind, "build_s": build_s, "image_size": model.image_size,
+            "context_length": model.tokenizer.context_length}
 
-        folder = tempfile.mkdtemp(prefix="eclip-bench-onnx-")
-        export_onnx(model, folder)
-        model = OnnxEncoder.load(folder, threads=torch_threads)
-    app = create_app(SearchService(Searcher(model, index)), ServeSettings())
+
+def _http_server(conn, folder: str, torch_threads: int, encoder: str = "torch") -> None:
+    """Child process: `eclip serve`'s app over the fixture in `folder` (`_http_fixture`), under
+    uvicorn on a free loopback port (sent back on conn). encoder "onnx": the export, served
+    through onnxruntime (`eclip serve --onnx`)."""
+    import socket
+    from pathlib import Path
+
+    import uvicorn
+
+    from eclip_app.search.serve import SearchService, ServeSettings, create_app
+
+    faiss.omp_set_num_threads(1)  # one query per request: no parallelism to gain, only contention
+    folder = Path(folder)
+    onnx = folder / "onnx" if encoder == "onnx" else None
+    service = SearchService.load(folder / "model", folder / "index", onnx_folder=onnx, threads=torch_threads)
+    app = create_app(service, ServeSettings())
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; with a bare socket() every
     # keep-alive response would wait ~40 ms for a delayed ACK (Nagle)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    conn.send({"port": sock.getsockname()[1], "kind": index.kind, "build_s": build_s})
+    conn.send({"port": sock.getsockname()[1]})
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
-def _http_load(url: str, clients: int, seconds: float, k: int) -> tuple[np.ndarray, int]:
-    """`clients` threads, each one keep-alive connection sending /search one after another."""
+def _query_photo(seed: int = 0, size: tuple[int, int] = (480, 360)) -> bytes:
+    """A JPEG query photo (shapes on a textured background), as a phone upload would be: the
+    server decodes it and resizes it to the model's input size."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.integers(90, 200, (size[1] // 8, size[0] // 8, 3))).astype(np.uint8)
+    image = Image.fromarray(pixels).resize(size, Image.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x, y = int(rng.integers(0, size[0] - 120)), int(rng.integers(0, size[1] - 120))
+        draw.rectangle([x, y, x + 110, y + 110], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# what each request kind sends: (path, request arguments for client i, call n, the k asked)
+HTTP_REQUESTS = {
+    "search-text": lambda i, n, k, photo: ("/search", {"json": {"text": HTTP_QUERIES[(i * 5 + n) % len(HTTP_QUERIES)], "k": k}}),
+    "search-image": lambda i, n, k, photo: ("/search", {"files": {"image": ("q.jpg", photo, "image/jpeg")}, "data": {"k": str(k)}}),
+    "embed-text": lambda i, n, k, photo: ("/embed", {"json": {"text": [HTTP_QUERIES[(i * 5 + n) % len(HTTP_QUERIES)]]}}),
+    "embed-image": lambda i, n, k, photo: ("/embed", {"files": {"image": ("q.jpg", photo, "image/jpeg")}}),
+}
+
+
+def _http_ok(kind: str, response, k: int) -> bool:
+    if response.status_code != 200:
+        return False
+    body = response.json()
+    return len(body["results"]) == k if kind.startswith("search") else len(body.get("text_embeddings") or body["image_embeddings"]) == 1
+
+
+def _http_load(url: str, clients: int, seconds: float, k: int, kind: str = "search-text") -> tuple[np.ndarray, int]:
+    """`clients` threads, each one keep-alive connection sending `kind` requests back to back."""
     import threading
 
     import httpx
@@ -231,15 +359,17 @@ def _http_load(url: str, clients: int, seconds: float, k: int) -> tuple[np.ndarr
     errors = [0]
     lock = threading.Lock()
     stop = time.monotonic() + seconds
+    photo = _query_photo()
 
     def worker(i: int) -> None:
         mine, bad, n = [], 0, 0
         with httpx.Client(base_url=url, timeout=60) as http:
             while time.monotonic() < stop:
+                path, request = HTTP_REQUESTS[kind](i, n, k, photo)
                 start = time.perf_counter()
-                r = http.post("/search", json={"text": HTTP_QUERIES[(i * 5 + n) % len(HTTP_QUERIES)], "k": k})
+                r = http.post(path, **request)
                 mine.append(time.perf_counter() - start)
-                bad += r.status_code != 200 or len(r.json()["results"]) != k
+                bad += not _http_ok(kind, r, k)
                 n += 1
         with lock:
             latencies.extend(mine)
@@ -255,60 +385,73 @@ def _http_load(url: str, clients: int, seconds: float, k: int) -> tuple[np.ndarr
 
 def http_section(args) -> str:
     import multiprocessing
+    import tempfile
 
     import httpx
 
     n = 20_000 if args.quick else args.http_products
     seconds = 3.0 if args.quick else args.http_seconds
+    encoders = args.http_encoders.split(",")
+    kinds = args.http_requests.split(",")
+    unknown = [k for k in kinds if k not in HTTP_REQUESTS]
+    if unknown:
+        raise SystemExit(f"unknown --http-requests {unknown}; choose from {list(HTTP_REQUESTS)}")
     # spawn, not fork: the parent may already run OpenMP threads (the index section), which a
     # forked child inherits in a broken state
     ctx = multiprocessing.get_context("spawn")
-    header = ["encoder", "clients", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "QPS"]
+    header = ["encoder", "request", "clients", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "QPS"]
     rows = []
-    for encoder in args.http_encoders.split(","):
-        parent, child = ctx.Pipe()
-        server = ctx.Process(target=_http_server, args=(child, n, args.http_preset, args.http_torch_threads, 0, encoder),
-                             daemon=True)
-        print(f"[http] building {n:,} products + {args.http_preset} model ({encoder}) in a server process", flush=True)
-        server.start()
-        try:
-            if not parent.poll(600):
-                raise RuntimeError("the benchmark server did not start")
-            info = parent.recv()
-            url = f"http://127.0.0.1:{info['port']}"
-            for _ in range(200):
-                try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            _http_load(url, 2, 2.0, 10)  # warm up: lazy inits, connection pools, caches
-            for clients in [int(c) for c in args.http_clients.split(",")]:
-                ms, errors = _http_load(url, clients, seconds, 10)
-                p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-                rows.append([encoder, str(clients), f"{len(ms):,}", str(errors), f"{p50:.1f}", f"{p95:.1f}",
-                             f"{p99:.1f}", f"{len(ms) / seconds:.0f}"])
-                print(" | ".join(rows[-1]), flush=True)
-        finally:
-            server.terminate()
-            server.join(10)
+    with tempfile.TemporaryDirectory(prefix="eclip-bench-http-") as folder:
+        print(f"[http] {args.http_preset} model, its ONNX export and an index of {n:,} products", flush=True)
+        info = _http_fixture(folder, n, args.http_preset, encoders, 0, args.threads)
+        for encoder in encoders:
+            parent, child = ctx.Pipe()
+            server = ctx.Process(target=_http_server, args=(child, folder, args.http_torch_threads, encoder), daemon=True)
+            print(f"[http] serving with {encoder}", flush=True)
+            server.start()
+            try:
+                if not parent.poll(600):
+                    raise RuntimeError("the benchmark server did not start")
+                url = f"http://127.0.0.1:{parent.recv()['port']}"
+                for _ in range(200):
+                    try:
+                        if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        time.sleep(0.1)
+                for kind in kinds:
+                    _http_load(url, 2, 2.0, 10, kind)  # warm up: lazy inits, connection pools, caches
+                    for clients in [int(c) for c in args.http_clients.split(",")]:
+                        ms, errors = _http_load(url, clients, seconds, 10, kind)
+                        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+                        rows.append([encoder, kind, str(clients), f"{len(ms):,}", str(errors), f"{p50:.1f}", f"{p95:.1f}",
+                                     f"{p99:.1f}", f"{len(ms) / seconds:.0f}"])
+                        print(" | ".join(rows[-1]), flush=True)
+            finally:
+                server.terminate()
+                server.join(10)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    note = (f"\nPOST /search {{text, k=10}} end to end (HTTP, tokenise, text tower, {info['kind']} index over "
-            f"{n:,} products (built in {info['build_s']:.0f} s), metadata of the 10 hits, JSON) against uvicorn on "
-            f"127.0.0.1 in its own process; `{args.http_preset}` model preset, untrained; torch "
-            f"(or onnxruntime) {args.http_torch_threads} thread(s) per request, FAISS 1 thread; each client a keep-alive "
-            f"connection sending requests back to back for {seconds:.0f} s (clients run in the benchmark's process).")
+    note = (f"\nEnd to end over HTTP against uvicorn on 127.0.0.1 in its own process (`SearchService.load`, as `eclip serve` "
+            f"[--onnx]); `{args.http_preset}` model preset ({info['image_size']} px, {info['context_length']} tokens), "
+            f"heads untrained (latency only); {info['kind']} index over {n:,} products of random clustered unit vectors "
+            f"(built in {info['build_s']:.0f} s), with metadata. search-text: POST /search {{text, k=10}} (tokenise, text "
+            "tower, index, metadata of the 10 hits, JSON); search-image: the same with a 480x360 JPEG upload (decode, "
+            "resize, image tower, product embedding); embed-text / embed-image: POST /embed with one title / that JPEG. "
+            f"torch (or onnxruntime) {args.http_torch_threads} thread(s) per request, FAISS 1 thread; each client a "
+            f"keep-alive connection sending requests back to back for {seconds:.0f} s (clients run in the benchmark's process).")
     return "\n".join(lines) + "\n" + note
 
 
 def http_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("http section")
     group.add_argument("--http-products", type=int, default=100_000)
-    group.add_argument("--http-preset", default="tiny", help="model preset (eclip.create_model)")
+    group.add_argument("--http-preset", default="tiny", help="model preset (eclip.create_model), e.g. eclip-lite")
     group.add_argument("--http-clients", default="1,4", help="concurrent clients, comma separated")
     group.add_argument("--http-seconds", type=float, default=15.0, help="duration per client count")
     group.add_argument("--http-encoders", default="torch,onnx", help="server encoders: torch (PyTorch), onnx (eclip serve --onnx)")
+    group.add_argument("--http-requests", default="search-text",
+                       help=f"request kinds, comma separated, from {', '.join(HTTP_REQUESTS)}")
     group.add_argument("--http-torch-threads", type=int, default=1,
                        help="torch threads in the server (requests already run in parallel)")
 
@@ -374,7 +517,7 @@ def onnx_section(args) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     worst = max(report.max_abs_diff.values())
     note = (f"\n`{args.onnx_preset}` preset ({size} px images, {model.tokenizer.context_length} tokens), "
-            f"untrained; PyTorch {torch.__version__} under inference_mode against ONNX Runtime's CPU provider, "
+            f"heads untrained (towers pretrained where the preset has them); PyTorch {torch.__version__} under inference_mode against ONNX Runtime's CPU provider, "
             f"both with the intra-op thread count of the row; largest |ONNX - PyTorch| over all outputs "
             f"{worst:.1e}. Items per second, each measurement timed for {seconds:.0f} s after a warm-up.")
     return "\n".join(lines) + "\n" + note

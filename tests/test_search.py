@@ -224,6 +224,34 @@ def test_add_update_delete_by_id(kind):
     assert remaining == {"new", "p35", "p36", "p37", "p38", "p39"}
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_one_vector_per_product_fast_path_keeps_every_guarantee(kind):
+    """With one live vector per product the index fetches exactly k vectors; after a removal
+    (a tombstone in HNSW) or a second photo it falls back to fetching more: both give the exact
+    distinct top-k, and a query is normalised and checked the same way alone or in a batch."""
+    x, pids, meta = _toy(n_products=300, images=1, dim=16)
+    index = ProductIndex.build(x, pids, meta, kind=kind)
+    exact = ProductIndex.build(x, pids, meta, kind="flat")
+    queries = clustered(5, 16, 3, seed=4)
+    assert index.search(queries, 10) == exact.search(queries, 10)
+    one = [index.search(3.0 * q[None], 10)[0] for q in queries]  # not unit length: normalised
+    assert [[p for p, _ in r] for r in one] == [[p for p, _ in r] for r in exact.search(queries, 10)]
+    np.testing.assert_allclose([s for r in one for _, s in r], [s for r in exact.search(queries, 10) for _, s in r], atol=1e-5)
+    hits = index.search_hits(queries[:1], 3)[0]
+    assert [(h.product_id, h.image_path) for h in hits] == [(p, f"/img/{int(p[1:])}.png") for p, _ in exact.search(queries[:1], 3)[0]]
+
+    index.remove(["p0", "p1"])
+    index.add(x[7:8] * -1, ["p7b"], [{"image_path": "/img/7b.png"}])
+    index.add(x[8:9], ["p9"], [{"image_path": "/img/9b.png"}])  # p9 replaced by a copy of p8's photo
+    everything = index.search(queries[:2], 400)
+    assert all(len(r) == 299 and len({p for p, _ in r}) == 299 and not {"p0", "p1"} & {p for p, _ in r} for r in everything)
+    for bad in (np.full((1, 16), np.nan, np.float32), np.array([[np.inf] + [0.0] * 15], np.float32)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            index.search(bad, 3)
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            index.search(np.concatenate([queries[:2], bad]), 3)
+
+
 def test_concurrent_searches_and_updates():
     """A web service searches from several threads while products are updated."""
     import threading

@@ -390,18 +390,23 @@ def _serve(args) -> int:
 def _export(args) -> int:
     from eclip.io import load_model
 
-    from .search.export import export_onnx
+    from .search.export import ParityError, export_onnx
 
     if not args.onnx:
         print("eclip export: choose a format (--onnx)", file=sys.stderr)
         return 2
-    report = export_onnx(load_model(args.model), args.out, tolerance=args.tolerance)
+    try:
+        report = export_onnx(load_model(args.model), args.out, tolerance=args.tolerance)
+    except ParityError as error:
+        report = error.report
     for name, diff in report.max_abs_diff.items():
         print(f"{name:28s} max |onnx - torch| = {diff:.2e}")
     if not report.ok:
-        print(f"eclip export: ONNX differs from PyTorch by more than {args.tolerance:g}", file=sys.stderr)
+        print(f"eclip export: ONNX differs from PyTorch by more than {args.tolerance:g} "
+              f"({', '.join(report.failures())}); nothing written to {report.folder}", file=sys.stderr)
         return 1
-    print(f"exported to {report.folder} (image_encoder.onnx, text_encoder.onnx, tokenizer.json)")
+    files = sorted(p.name for p in report.folder.iterdir())
+    print(f"exported to {report.folder} ({', '.join(files)})")
     return 0
 
 
@@ -573,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="model folder")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--onnx", action="store_true", help="ONNX (the only format so far)")
-    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| on random inputs")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| on random inputs (graph outputs, scores, grounding maps); above it nothing is written")
     ex.set_defaults(func=_export)
 
     from .search.commands import add_search_commands  # embed, index, search (imports are lazy)

@@ -9,9 +9,20 @@ An export folder holds:
                          with grounding_map="similarity", token_embeddings (B, N, D) to ground
                          with; with "contribution", token_projections (B, N, D), not normalised
     text_encoder.onnx    ids (B, T) int64, mask (B, T) bool -> embedding (B, D)
-    tokenizer.json       the HashTokenizer's settings: text is tokenised in plain Python (crc32)
+    tokenizer.json       a Hugging Face text tower's tokenizer, in the `tokenizers` library's
+                         format (`tokenizers.Tokenizer.from_file` loads it), padded and truncated
+                         to the model's context length; or, for the built-in text tower,
+    hash_tokenizer.json  the HashTokenizer's settings (format "eclip-hash-tokenizer/1"): text is
+                         tokenised in plain Python (crc32). Exports written before this file had
+                         its name hold the same settings in tokenizer.json, and still load.
     config.json          the model's config (embedding size, selection rule), as in a model folder
-    manifest.json        shapes, selection rule, logit scale and the parity check's max difference
+    manifest.json        shapes, selection rule, logit scale, the tokenizer's file and kind, and
+                         the parity check's max differences
+
+The export is written to a temporary folder and checked there: each graph output, the
+image-text scores and the grounding maps of `OnnxEncoder` against PyTorch, and the saved
+tokenizer's ids against the model's. Above the tolerance `export_onnx` raises `ParityError` and
+leaves `out` as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eclip.atomic import atomic_folder
 from eclip.config import ModelConfig, from_dict, to_dict
 from eclip.io import CONFIG_NAME
 from eclip.model.eclip import ECLIP
@@ -34,8 +46,11 @@ from eclip.model.tokenizer import CLS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, HashToken
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` library's format (Hugging Face towers)
+HASH_TOKENIZER_FILE = "hash_tokenizer.json"  # eclip's own schema (the built-in text tower)
+HASH_TOKENIZER_FORMAT = "eclip-hash-tokenizer/1"
 MANIFEST_FILE = "manifest.json"
+FORMAT = "eclip-onnx/2"  # /1: the hash tokenizer's settings in tokenizer.json, no "tokenizer" entry
 OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
 
@@ -104,78 +119,120 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 @dataclass
 class ExportReport:
     folder: Path
-    max_abs_diff: dict[str, float]  # per output, ONNX against PyTorch on random inputs
+    # per output, ONNX against PyTorch on random inputs: "image.<output>", "text.embedding",
+    # "scores.image_text" (image_text_scores) and "grounding.map" (heatmaps_from, the grid maps)
+    max_abs_diff: dict[str, float]
     tolerance: float
 
     @property
     def ok(self) -> bool:
         return all(diff <= self.tolerance for diff in self.max_abs_diff.values())
 
+    def failures(self) -> dict[str, float]:
+        return {name: diff for name, diff in self.max_abs_diff.items() if not diff <= self.tolerance}
+
+
+class ParityError(ValueError):
+    """The exported graphs differ from PyTorch by more than the tolerance (nothing was written)."""
+
+    def __init__(self, report: ExportReport):
+        self.report = report
+        worst = ", ".join(f"{name} {diff:.2e}" for name, diff in report.failures().items())
+        super().__init__(f"ONNX differs from PyTorch by more than {report.tolerance:g}: {worst}; {report.folder} not written")
+
+
+def _max_diff(diffs: dict[str, float], name: str, expected: torch.Tensor | np.ndarray, got: torch.Tensor | np.ndarray) -> None:
+    e = expected.numpy() if isinstance(expected, torch.Tensor) else expected
+    g = got.numpy() if isinstance(got, torch.Tensor) else got
+    # NaN on either side must fail the check: nan > tolerance is False, so store it as inf
+    diff = float(np.abs(e.astype(np.float64) - g.astype(np.float64)).max()) if e.size else 0.0
+    diffs[name] = max(diffs.get(name, 0.0), diff if np.isfinite(diff) else float("inf"))
+
+
+def _parity_texts(generator: torch.Generator, batch: int, context_length: int) -> list[str]:
+    """Random words of random lengths (up to beyond the context, so truncation is exercised),
+    one empty text, and some catalog-like words a WordPiece vocabulary splits."""
+    words = ["red", "striped", "shirt", "slim-fit", "Jeans", "handbag", "ünïcode", "42cm", "x"]
+    texts = []
+    for n in torch.randint(0, context_length + 4, (batch,), generator=generator).tolist():
+        picks = torch.randint(0, 10_000, (n,), generator=generator).tolist()
+        texts.append(" ".join(words[p % len(words)] if p % 3 else f"w{p}" for p in picks))
+    if batch > 1:
+        texts[-1] = ""
+    return texts
+
 
 def export_onnx(model: ECLIP, out: str | Path, tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> ExportReport:
-    """Export both encoders into `out`, then check them against PyTorch on random inputs of
-    two batch sizes (so the dynamic axis is exercised too)."""
-    import onnxruntime as ort
-
-    if not isinstance(model.tokenizer, HashTokenizer):
-        # tokenizer.json describes the hash tokenizer only; a BPE/WordPiece tower would need its
-        # vocabulary shipped too
-        raise ValueError(f"ONNX export supports text towers with the built-in HashTokenizer, not {type(model.tokenizer).__name__}")
+    """Export both encoders and the tokenizer into `out`, atomically, after checking them
+    against PyTorch on random inputs of two batch sizes (so the dynamic axis is exercised too):
+    every graph output, the image-text scores and grounding maps `OnnxEncoder` computes from
+    them, and the saved tokenizer's ids. Raises `ParityError` above `tolerance`, `ValueError` for
+    a tokenizer that cannot be saved."""
     model = model.eval().cpu()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     has_decoder = model.decoder is not None
     size = model.image_size
     tokenizer = model.tokenizer
+    context_length = tokenizer.context_length
     generator = torch.Generator().manual_seed(seed)
 
     image_graph, text_graph = ImageEncoderGraph(model).eval(), TextEncoderGraph(model).eval()
     outputs = image_output_names(model.config)
-    sample_images = torch.randn(2, 3, size, size, generator=generator)
-    sample_ids, sample_mask = tokenizer(["a red striped shirt", "blue jeans"])
-    _export(image_graph, (sample_images,), out / IMAGE_FILE, ["images"], outputs)
-    _export(text_graph, (sample_ids, sample_mask), out / TEXT_FILE, ["ids", "mask"], ["embedding"])
-
-    diffs: dict[str, float] = {}
-    image_session = ort.InferenceSession(str(out / IMAGE_FILE), providers=["CPUExecutionProvider"])
-    text_session = ort.InferenceSession(str(out / TEXT_FILE), providers=["CPUExecutionProvider"])
-    for batch in (1, 5):
-        images = torch.randn(batch, 3, size, size, generator=generator)
-        with torch.no_grad():
-            expected = image_graph(images)
-        got = image_session.run(outputs, {"images": images.numpy()})
-        for name, e, g in zip(outputs, expected, got):
-            diffs[f"image.{name}"] = max(diffs.get(f"image.{name}", 0.0), float(np.abs(e.numpy() - g).max()))
-        # random words and random lengths, including an all-padding-but-CLS/EOS text
-        texts = [" ".join(f"w{int(w)}" for w in torch.randint(0, 10_000, (int(n),), generator=generator))
-                 for n in torch.randint(0, tokenizer.context_length, (batch,), generator=generator)]
-        ids, mask = tokenizer(texts)
-        with torch.no_grad():
-            expected_text = text_graph(ids, mask).numpy()
-        got_text = text_session.run(["embedding"], {"ids": ids.numpy(), "mask": mask.numpy()})[0]
-        diffs["text.embedding"] = max(diffs.get("text.embedding", 0.0), float(np.abs(expected_text - got_text).max()))
-
     config = model.config
-    (out / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
-    (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer_config(tokenizer), indent=2), encoding="utf-8")
-    manifest = {
-        "format": "eclip-onnx/1",
-        "image_size": size,
-        "embed_dim": config.embed_dim,
-        "context_length": tokenizer.context_length,
-        "has_decoder": has_decoder,
-        "selection": config.selection,
-        "selection_temperature": config.selection_temperature,
-        "logit_scale": float(model.logit_scales["global"]().item()),
-        "image_outputs": outputs,
-        "normalisation": {"mean": 0.5, "std": 0.5, "resize": "bicubic, squashed to a square"},
-        "opset": OPSET,
-        "max_abs_diff": diffs,
-        "tolerance": tolerance,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return ExportReport(out, diffs, tolerance)
+    diffs: dict[str, float] = {}
+    report = ExportReport(out, diffs, tolerance)
+    with atomic_folder(out) as tmp:
+        tokenizer_entry = save_tokenizer(tokenizer, tmp)  # first: an unsupported tokenizer fails fast
+        sample_images = torch.randn(2, 3, size, size, generator=generator)
+        sample_ids, sample_mask = tokenizer(["a red striped shirt", "blue jeans"])
+        _export(image_graph, (sample_images,), tmp / IMAGE_FILE, ["images"], outputs)
+        _export(text_graph, (sample_ids, sample_mask), tmp / TEXT_FILE, ["ids", "mask"], ["embedding"])
+        (tmp / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2), encoding="utf-8")
+        manifest = {
+            "format": FORMAT,
+            "image_size": size,
+            "embed_dim": config.embed_dim,
+            "context_length": context_length,
+            "tokenizer": tokenizer_entry,
+            "has_decoder": has_decoder,
+            "selection": config.selection,
+            "selection_temperature": config.selection_temperature,
+            "logit_scale": float(model.logit_scales["global"]().item()),
+            "image_outputs": outputs,
+            "normalisation": {"mean": 0.5, "std": 0.5, "resize": "bicubic, squashed to a square"},
+            "opset": OPSET,
+            "tolerance": tolerance,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+        encoder = OnnxEncoder(tmp, threads=1)
+        for batch in (1, 5):
+            images = torch.randn(batch, 3, size, size, generator=generator)
+            with torch.no_grad():
+                expected = image_graph(images)
+            got = encoder.image_session.run(outputs, {"images": images.numpy()})
+            for name, e, g in zip(outputs, expected, got):
+                _max_diff(diffs, f"image.{name}", e, g)
+            texts = _parity_texts(generator, batch, context_length)
+            ids, mask = tokenizer(texts)
+            np_ids, np_mask = encoder.tokenizer(texts)
+            if not (np.array_equal(np_ids, ids.numpy()) and np.array_equal(np_mask, mask.numpy())):
+                bad = next(t for t in texts if not np.array_equal(encoder.tokenizer([t])[0], tokenizer([t])[0].numpy()))
+                raise ValueError(f"the saved tokenizer ({tokenizer_entry['file']}) tokenises {bad!r} unlike the model's")
+            with torch.no_grad():
+                text_ref = text_graph(ids, mask)
+                text_got = encoder.encode_text(texts)
+                _max_diff(diffs, "text.embedding", text_ref, text_got)
+                ref, enc = model.encode_image(images), encoder.encode_image(images)
+                _max_diff(diffs, "scores.image_text", model.image_text_scores(ref, text_ref), encoder.image_text_scores(enc, text_got))
+                _max_diff(diffs, "grounding.map", model.heatmaps_from(ref, text_ref)[0], encoder.heatmaps_from(enc, text_got)[0])
+        del encoder  # onnxruntime holds the files open on some platforms
+        manifest["max_abs_diff"] = diffs
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if not report.ok:
+            raise ParityError(report)
+    return report
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -186,6 +243,7 @@ def tokenizer_config(tokenizer: HashTokenizer) -> dict:
     the words matching `word_pattern`, keep the first context_length - 2, map each word to
     num_special + crc32(utf-8) % (vocab_size - num_special), wrap in CLS ... EOS, pad with PAD."""
     return {
+        "format": HASH_TOKENIZER_FORMAT,
         "kind": "hash",
         "vocab_size": tokenizer.vocab_size,
         "context_length": tokenizer.context_length,
@@ -197,6 +255,89 @@ def tokenizer_config(tokenizer: HashTokenizer) -> dict:
         "cls_id": CLS_ID,
         "eos_id": EOS_ID,
     }
+
+
+def save_tokenizer(tokenizer, folder: Path) -> dict:
+    """Write the model's tokenizer into `folder`; returns the manifest's entry (kind, file,
+    context length). A HashTokenizer -> hash_tokenizer.json; a Hugging Face fast tokenizer ->
+    tokenizer.json in the `tokenizers` format, padded and truncated to the context length as the
+    model's tokenizer call is."""
+    from eclip.model.towers.hf import HFTokenizer
+
+    if isinstance(tokenizer, HashTokenizer):
+        (folder / HASH_TOKENIZER_FILE).write_text(json.dumps(tokenizer_config(tokenizer), indent=2), encoding="utf-8")
+        return {"kind": "hash", "file": HASH_TOKENIZER_FILE, "context_length": tokenizer.context_length}
+    if isinstance(tokenizer, HFTokenizer):
+        hf = tokenizer.tokenizer
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"ONNX export needs a fast (Rust `tokenizers`) Hugging Face tokenizer, not {type(hf).__name__}")
+        if hf.padding_side != "right" or hf.pad_token_id is None:
+            raise ValueError(f"ONNX export supports right-padded tokenizers with a pad token ({type(hf).__name__})")
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())  # the model's own tokenizer stays as it is
+        length = tokenizer.context_length
+        copy.enable_truncation(max_length=length)
+        copy.enable_padding(length=length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+        copy.save(str(folder / TOKENIZER_FILE))
+        return {"kind": "hf", "file": TOKENIZER_FILE, "context_length": length}
+    raise ValueError(f"ONNX export supports the built-in HashTokenizer and Hugging Face fast tokenizers, not {type(tokenizer).__name__}")
+
+
+class NumpyHashTokenizer:
+    """HashTokenizer with numpy output: ids (B, T) int64, mask (B, T) bool."""
+
+    def __init__(self, tokenizer: HashTokenizer):
+        self.tokenizer = tokenizer
+        self.context_length = tokenizer.context_length
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return tokenize_numpy(self.tokenizer, texts)
+
+
+class NumpyHFTokenizer:
+    """A `tokenizers` tokenizer.json (padding and truncation saved in it) with numpy output."""
+
+    def __init__(self, path: Path, context_length: int):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as error:
+            raise ImportError(f"{path} is a Hugging Face tokenizer: pip install tokenizers (or eclip[search])") from error
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: not a readable `tokenizers` tokenizer.json ({error})") from error
+        padding = self.tokenizer.padding
+        if (self.tokenizer.truncation or {}).get("max_length") != context_length or (padding or {}).get("length") != context_length:
+            raise ValueError(f"{path}: padding and truncation must be fixed at the context length {context_length}")
+        self.context_length = context_length
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), self.context_length)
+        mask = np.array([e.attention_mask for e in encodings], dtype=bool).reshape(len(texts), self.context_length)
+        return ids, mask
+
+
+def load_tokenizer(folder: Path, manifest: dict) -> NumpyHashTokenizer | NumpyHFTokenizer:
+    """The export's tokenizer, as its manifest names it; an export without that entry (format
+    eclip-onnx/1) holds the hash tokenizer's settings in tokenizer.json."""
+    entry = manifest.get("tokenizer") or {"kind": "hash", "file": TOKENIZER_FILE}
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the export's tokenizer ({entry['kind']}) is missing")
+    if entry["kind"] == "hf":
+        return NumpyHFTokenizer(path, int(entry["context_length"]))
+    if entry["kind"] != "hash":
+        raise ValueError(f"{folder / MANIFEST_FILE}: unknown tokenizer kind {entry['kind']!r} (hash or hf)")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    if tok.get("kind") != "hash" or tok.get("format", HASH_TOKENIZER_FORMAT) != HASH_TOKENIZER_FORMAT:
+        raise ValueError(f"{path}: not an eclip hash tokenizer (kind {tok.get('kind')!r}, format {tok.get('format')!r})")
+    try:
+        return NumpyHashTokenizer(HashTokenizer(int(tok["vocab_size"]), int(tok["context_length"])))
+    except KeyError as error:
+        raise ValueError(f"{path}: missing field {error}") from None
 
 
 def tokenize_numpy(tokenizer: HashTokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -228,10 +369,10 @@ class OnnxEncoder(Inference):
             raise FileNotFoundError(f"{manifest_path} not found: not an `eclip export --onnx` folder")
         self.folder = folder
         self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        tok = json.loads((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
-        if tok.get("kind") != "hash":
-            raise ValueError(f"unsupported tokenizer kind {tok.get('kind')!r} in {folder}")
-        self.tokenizer = HashTokenizer(tok["vocab_size"], tok["context_length"])
+        if self.manifest.get("format") not in ("eclip-onnx/1", FORMAT):
+            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, this code reads eclip-onnx/1 and {FORMAT}")
+        # ids (B, T) int64 and mask (B, T) bool in numpy, as the text graph takes them
+        self.tokenizer = load_tokenizer(folder, self.manifest)
         self.config: ModelConfig = from_dict(ModelConfig, json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")))
         options = ort.SessionOptions()
         if threads:
@@ -263,7 +404,7 @@ class OnnxEncoder(Inference):
     def encode_text_numpy(self, texts: list[str] | str) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
-        ids, mask = tokenize_numpy(self.tokenizer, texts)
+        ids, mask = self.tokenizer(texts)
         return self.text_session.run(["embedding"], {"ids": ids, "mask": mask})[0]
 
     def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -55,19 +55,25 @@ class _ReadWriteLock:
         self._readers = 0
         self._writer = False
 
-    @contextmanager
-    def read(self):
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self):
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def write(self):
@@ -171,9 +177,18 @@ def _normalised(vectors: np.ndarray, dim: int | None = None, what: str = "vector
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{what} have dimension {x.shape[1]} but the index has dimension {dim} (built from another model or field?)")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
+    if len(x) == 1:  # one query (a web request): plain floats, no array round trips
+        norm = math.sqrt(float(np.dot(x[0], x[0])))
+        if abs(norm - 1) < 1e-4:
+            return x
+        if not math.isfinite(norm) and not np.isfinite(x).all():
+            raise ValueError(f"{what} contain NaN or infinite values")
+        return x / max(norm, 1e-12)
+    # one pass for both checks: a NaN or infinity anywhere makes its row's norm non-finite (and
+    # huge finite values that overflow the square are told apart by the explicit check)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    if not np.isfinite(norms).all() and not np.isfinite(x).all():
         raise ValueError(f"{what} contain NaN or infinite values")
-    norms = np.linalg.norm(x, axis=1)
     if np.all(np.abs(norms - 1) < 1e-4):
         return x  # already unit length: no 2 GiB copy at 1M vectors
     return x / np.maximum(norms, 1e-12)[:, None]
@@ -193,6 +208,9 @@ class ProductIndex:
         self._vec_pid = np.empty(0, dtype=object)  # vector id -> product id (None: removed)
         self._vec_path = np.empty(0, dtype=object)  # vector id -> image path
         self._products: dict[str, dict] = {}  # product id -> metadata
+        # FAISS search parameters by value, built once: they are read-only during a search, so
+        # concurrent searches share them (building one per call costs a tenth of a search)
+        self._search_params: dict[tuple, faiss.SearchParameters] = {}
         self._product_vecs: dict[str, list[int]] = {}  # product id -> its vector ids
         self._live_vectors = 0
 
@@ -304,23 +322,31 @@ class ProductIndex:
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """Per query: up to k (product_id, score) pairs, best first, distinct products."""
-        return [[(h.product_id, h.score) for h in hits] for hits in self.search_hits(queries, k)]
+        return [[(pid, score) for pid, score, _ in rows] for rows in self._search_rows(queries, k)]
 
     def search_hits(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Like `search`, with the matched photo of each product."""
+        return [[Hit(*row) for row in rows] for rows in self._search_rows(queries, k)]
+
+    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float, str | None]]]:
+        """Per query: up to k (product_id, score, image_path), best first, distinct products."""
         q = _normalised(queries, self.dim, "queries")
-        with self._lock.read():
+        self._lock.acquire_read()
+        try:
             k = min(int(k), len(self._products))
             if k <= 0:
                 return [[] for _ in range(len(q))]
             ntotal = int(self._index.ntotal)
-            # enough vectors for k products on average, plus the tombstones' share
-            per_product = max(1.0, self._live_vectors / len(self._products))
-            fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, self._live_vectors)) + k)
-            results: list[list[Hit] | None] = [None] * len(q)
-            todo = np.arange(len(q))
-            while len(todo):
-                scores, ids = self._faiss_search(q[todo], fetch)
+            if self._live_vectors == ntotal == len(self._products):
+                fetch = k  # one live vector per product: k vectors are k products
+            else:
+                # enough vectors for k products on average, plus the tombstones' share and a margin
+                per_product = self._live_vectors / len(self._products)
+                fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, self._live_vectors)) + k)
+            results: list[list | None] = [None] * len(q)
+            todo, batch = list(range(len(q))), q
+            while todo:
+                scores, ids = self._faiss_search(batch, fetch)
                 retry = []
                 for row, qi in enumerate(todo):
                     hits = self._aggregate(scores[row], ids[row], k)
@@ -328,33 +354,52 @@ class ProductIndex:
                         retry.append(qi)
                     else:
                         results[qi] = hits
-                todo = np.array(retry, dtype=np.int64)
+                todo, batch = retry, q[retry]
                 fetch = min(ntotal, fetch * 4)
             return results  # type: ignore[return-value]
+        finally:
+            self._lock.release_read()
 
     def _faiss_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         # per-call parameters instead of setting index fields: safe under concurrent searches
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.params["ef_search"], fetch))
+            ef = max(self.params["ef_search"], fetch)
+            params = self._search_params.get(("hnsw", ef))
+            if params is None:
+                params = self._cache_params(("hnsw", ef), faiss.SearchParametersHNSW(efSearch=ef))
             return self._index.search(q, fetch, params=params)
         if self.kind == "ivfpq":
-            params = faiss.SearchParametersIVF(nprobe=self.params["nprobe"], max_codes=0)
+            nprobe = self.params["nprobe"]
+            params = self._search_params.get(("ivfpq", nprobe))
+            if params is None:
+                params = self._cache_params(("ivfpq", nprobe), faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0))
             return self._index.search(q, fetch, params=params)
         return self._index.search(q, fetch)
 
-    def _aggregate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
+    def _cache_params(self, key: tuple, params: faiss.SearchParameters) -> faiss.SearchParameters:
+        if len(self._search_params) >= 64:  # efSearch follows the fetch size: keep the cache small
+            self._search_params = {}
+        self._search_params[key] = params
+        return params
+
+    def _aggregate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[tuple[str, float, str | None]]:
         """Vector hits (best first) -> the first k distinct live products, each at its best."""
-        valid = ids >= 0  # FAISS pads with -1 when it finds fewer
-        ids, scores = ids[valid], scores[valid]
-        pids = self._vec_pid[ids]
-        paths = self._vec_path[ids]
-        hits: list[Hit] = []
+        if ids.min() < 0:  # FAISS pads with -1 when it finds fewer
+            valid = ids >= 0
+            ids, scores = ids[valid], scores[valid]
+        pids = self._vec_pid[ids].tolist()
+        paths = self._vec_path[ids].tolist()
+        rows = list(zip(pids, scores.tolist(), paths))
+        if len(rows) <= k and len(set(pids)) == len(pids) and None not in pids:
+            return rows  # distinct live products already (one vector per product): nothing to skip
+        hits: list[tuple[str, float, str | None]] = []
         seen: set[str] = set()
-        for pid, score, path in zip(pids, scores, paths):
+        for row in rows:
+            pid = row[0]
             if pid is None or pid in seen:  # tombstone, or a lower-ranked photo of a product
                 continue
             seen.add(pid)
-            hits.append(Hit(pid, float(score), path))
+            hits.append(row)
             if len(hits) == k:
                 break
         return hits
