@@ -116,6 +116,8 @@ def evaluate_scenes(
     occlusion_edges: Sequence[float] = OCCLUSION_EDGES,
     readout: str | None = None,
     grounding_map: str | None = None,
+    scene_store: ImageStore | None = None,
+    catalog_store: ImageStore | None = None,
 ) -> dict[str, float]:
     """Scene-to-catalog retrieval (mAP@10, R@1, R@10), text-free and hinted with the category
     (`scene_to_catalog_hinted_*`, scenes whose product has a category), and grounding
@@ -123,7 +125,8 @@ def evaluate_scenes(
     (`group_by`, buckets by the edges). Each scene goes through the image tower once.
     Products are matched by product_id; a scene whose product is not in the catalog has no
     right answer and is left out (counted). readout and grounding_map, when given, are passed
-    to the model's methods (else its config decides)."""
+    to the model's methods (else its config decides). scene_store and catalog_store: the
+    images already decoded at the model's size (a caller that evaluates again keeps them)."""
     unknown = set(group_by) - set(GROUPINGS)
     if unknown:
         raise ValueError(f"unknown grouping {sorted(unknown)}; choose from {GROUPINGS}")
@@ -139,7 +142,7 @@ def evaluate_scenes(
         raise ValueError("no scene belongs to a catalog product: nothing to evaluate")
     scene_pid = np.array([catalog_index[scene_products[p].product_id] for p, _ in scenes])
 
-    gallery_store = ImageStore(catalog_products, model.image_size)
+    gallery_store = catalog_store or ImageStore(catalog_products, model.image_size)
     gallery_emb = torch.cat([
         model.product_embedding_from(encoding, readout).float().cpu()
         for _, _, encoding in encoded_batches(model, gallery_store, gallery, batch_size, "catalog", progress)
@@ -157,7 +160,7 @@ def evaluate_scenes(
     boxes = [scene_products[p].images[i].box if ground else None for p, i in scenes]
     scene_emb, hinted_emb, ious, points = [], [], np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)
     offset = 0  # the batch's first scene
-    for chunk, images, encoding in encoded_batches(model, ImageStore(scene_products, model.image_size), scenes, batch_size, "scenes", progress):
+    for chunk, images, encoding in encoded_batches(model, scene_store or ImageStore(scene_products, model.image_size), scenes, batch_size, "scenes", progress):
         scene_emb.append(model.product_embedding_from(encoding, readout).float().cpu())
         hinted = [k for k, (p, _) in enumerate(chunk) if scene_products[p].category in hints]
         if hinted:
