@@ -17,6 +17,10 @@ from eclip.presets import model_preset, objective_preset
 from ..optim import OptimConfig
 
 
+class SettingError(ValueError):
+    """Settings of a TrainConfig that cannot run as given (found before training starts)."""
+
+
 @dataclass
 class TrainConfig:
     catalog: str = ""  # a catalog (JSON Lines), read map-style; or:
@@ -58,6 +62,13 @@ class TrainConfig:
     feature_cache: bool = False
     feature_cache_dir: str = ""  # memory-mapped files here (eclip cache-features fills it); "": in memory
     feature_cache_dtype: str = "fp16"  # or "fp32"
+    # --- validation during training (eclip_app.training.validation): off without val_catalog
+    val_catalog: str = ""  # held-out catalog (JSON Lines): zero-shot, retrieval and grounding metrics
+    val_scene_catalog: str = ""  # scenes of val_catalog's products (eclip compose): scene retrieval and grounding
+    val_every: int = 0  # evaluate every N steps and after the last (0: after the last only)
+    val_batch: int = 128  # images per evaluation batch
+    val_max_products: int = 0  # the first N products of val_catalog (0: all)
+    report_to: list[str] = field(default_factory=list)  # ["wandb"]: every record to Weights & Biases too
 
 
 def make_train_config(model_preset_name: str = "tiny", objective: str = "eclip", **fields) -> TrainConfig:
