@@ -115,6 +115,19 @@ def test_linear_probe_reads_a_label_the_features_hold():
     assert linear_probe(noise, labels, groups) < 0.45  # 4 classes: chance is 0.25
 
 
+def test_linear_probe_fits_under_inference_mode():
+    """evaluate may run under torch.inference_mode (validation during training): the probe
+    still fits with autograd, to the same accuracy."""
+    import torch
+
+    product_labels, groups, labels, rng = _probe_data()
+    centres = rng.normal(size=(4, 16)) * 3
+    features = torch.from_numpy(centres[labels] + rng.normal(size=(len(labels), 16)))
+    plain = linear_probe(features, labels, groups)
+    with torch.inference_mode():
+        assert linear_probe(features.clone(), labels, groups) == plain > 0.95
+
+
 def test_linear_probe_splits_by_product():
     """Features that identify the product but not its class: a split by image would let the
     probe memorise each product's label from its other images; split by product it cannot."""

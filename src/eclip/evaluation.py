@@ -112,10 +112,11 @@ def encoded_batches(
     model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool
 ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, ImageEncoding]]:
     """(slots, normalised images, encoding) per batch: each image through the image tower once,
-    every metric read from the same encoding."""
+    every metric read from the same encoding. The images go to the model's device."""
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = slots[start : start + batch_size]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk])).to(device)
         yield chunk, images, model.encode_image(images)
 
 
@@ -145,18 +146,21 @@ def ground_encoded(
 def fit_logistic_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3, max_iter: int = 200
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression, full batch L-BFGS with an L2 penalty: (D, C), (C,)."""
-    weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
-    bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+    """Multinomial logistic regression, full batch L-BFGS with an L2 penalty: (D, C), (C,).
+    Runs with autograd also when called under `torch.no_grad` or `torch.inference_mode`."""
+    # inference tensors cannot be saved for backward: the fit works on copies made outside it
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.clone(), y.clone()
+        weight = torch.zeros(x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
+        bias = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.square().sum()
-        loss.backward()
-        return loss
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.square().sum()
+            loss.backward()
+            return loss
 
-    with torch.enable_grad():
         optimizer.step(closure)
     return weight.detach(), bias.detach()
 
@@ -243,13 +247,13 @@ def evaluate(
     results: dict[str, float] = {"num_products": len(products), "num_images": len(slots)}
 
     # text-to-product: each title against every image; a hit is any image of its product
-    scores = torch.cat(title_scores).T.numpy()  # (P, I)
+    scores = torch.cat(title_scores).T.float().cpu().numpy()  # (P, I)
     relevant = np.arange(len(products))[:, None] == image_pid[None, :]
     t2p = ranks_metrics(scores, relevant)
     results |= {"text_to_product_r1": t2p["r1"], "text_to_product_r10": t2p["r10"], "text_to_product_map10": t2p["map10"]}
 
     # same-product: each image against all other images
-    emb = torch.cat(product_embeddings).numpy()
+    emb = torch.cat(product_embeddings).float().cpu().numpy()
     sims = emb @ emb.T
     np.fill_diagonal(sims, -np.inf)
     same = image_pid[:, None] == image_pid[None, :]
@@ -263,7 +267,7 @@ def evaluate(
         truth_names = [products[p].category for p in image_pid]
         keep = np.array([c is not None for c in truth_names])
         truth = np.array([categories.index(c) if c is not None else -1 for c in truth_names])
-        logits = torch.cat(label_scores).numpy()
+        logits = torch.cat(label_scores).float().cpu().numpy()
         predicted = logits.argmax(axis=1)
         top5 = np.argsort(-logits, axis=1)[:, :5]
         results["classification_top1"] = float((predicted == truth)[keep].mean())
@@ -276,7 +280,7 @@ def evaluate(
 
     for name, values in attribute_names.items():
         truth = np.array([values.index(str(products[p].attributes[name])) if name in products[p].attributes else -1 for p in image_pid])
-        predicted = torch.cat(attribute_scores[name]).numpy().argmax(axis=1)
+        predicted = torch.cat(attribute_scores[name]).float().cpu().numpy().argmax(axis=1)
         known = truth >= 0
         results[f"attribute_{name}_top1"] = float((predicted == truth)[known].mean())
         results[f"attribute_{name}_macro_f1"] = macro_f1(predicted[known], truth[known], len(values))

@@ -131,6 +131,8 @@ def evaluate_scenes(
     readout: str | None = None,
     grounding_map: str | None = None,
     tiles: int = 0,
+    scene_store: ImageStore | None = None,
+    catalog_store: ImageStore | None = None,
 ) -> dict[str, float]:
     """Scene-to-catalog retrieval (mAP@10, R@1, R@10), text-free and hinted with the category
     (`scene_to_catalog_hinted_*`, scenes whose product has a category), and grounding
@@ -141,7 +143,8 @@ def evaluate_scenes(
     and `scene_grounding_tiled_*`.
     Products are matched by product_id; a scene whose product is not in the catalog has no
     right answer and is left out (counted). readout and grounding_map, when given, are passed
-    to the model's methods (else its config decides)."""
+    to the model's methods (else its config decides). scene_store and catalog_store: the
+    images already decoded at the model's size (a caller that evaluates again keeps them)."""
     unknown = set(group_by) - set(GROUPINGS)
     if unknown:
         raise ValueError(f"unknown grouping {sorted(unknown)}; choose from {GROUPINGS}")
@@ -157,7 +160,7 @@ def evaluate_scenes(
         raise ValueError("no scene belongs to a catalog product: nothing to evaluate")
     scene_pid = np.array([catalog_index[scene_products[p].product_id] for p, _ in scenes])
 
-    gallery_store = ImageStore(catalog_products, model.image_size)
+    gallery_store = catalog_store or ImageStore(catalog_products, model.image_size)
     gallery_emb = torch.cat([
         model.product_embedding_from(encoding, readout).float().cpu()
         for _, _, encoding in encoded_batches(model, gallery_store, gallery, batch_size, "catalog", progress)
@@ -177,10 +180,11 @@ def evaluate_scenes(
     per_batch = max(1, batch_size // len(tile_list)) if tile_list else batch_size
     queries: dict[str, list[torch.Tensor]] = {"": [], "hinted_": []} | ({"tiled_": [], "tiled_hinted_": []} if tile_list else {})
     found = {prefix: (np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)) for prefix in (["", "tiled_"] if tile_list else [""])}
-    store = ImageStore(scene_products, model.image_size)
+    store = scene_store or ImageStore(scene_products, model.image_size)
+    device = next(model.parameters()).device
     for start in tqdm(range(0, len(scenes), per_batch), desc="scenes", unit="batch", disable=not progress, leave=False):
         chunk = scenes[start : start + per_batch]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk])).to(device)
         encoding = model.encode_image(crop_tiles(images, tile_list) if tile_list else images)
         # tile 0 is the whole scene: the untiled reading comes from the same pass
         whole = encoding.take(list(range(0, len(chunk) * len(tile_list), len(tile_list)))) if tile_list else encoding

@@ -50,14 +50,21 @@ def _train(args) -> int:
         config.shards = args.shards
     if args.out:
         config.out_dir = args.out
+    for name in ("val_catalog", "val_scene_catalog", "val_every", "report_to"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
     if not config.catalog and not config.shards:
         print("eclip train: no training data (give --catalog or --shards, or set catalog or shards in the config)", file=sys.stderr)
         return 2
     from .feature_cache import FeatureCacheError
     from .training.checkpoint import checkpoint_dir
+    from .training.config import SettingError
 
     try:
         result = train(config, resume=args.resume, progress=not args.no_progress)
+    except SettingError as error:  # a setting found wrong when the run starts (a bad val catalog, ...)
+        print(f"eclip train: {error}", file=sys.stderr)
+        return 2
     except (CatalogError, NonFiniteLossError, CheckpointError) as error:  # the data or the run: one line
         print(f"eclip train: {error}", file=sys.stderr)
         return 1
@@ -437,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--shards", help="stream WebDataset shards instead (eclip shard): a folder, shards.json, a brace pattern or an fsspec URL")
     tr.add_argument("--out", help="run folder (overrides the config's out_dir)")
     tr.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    tr.add_argument("--val-catalog", help="held-out catalog evaluated during training (zero-shot, retrieval, grounding)")
+    tr.add_argument("--val-scene-catalog", help="composed scenes of the val catalog's products: scene retrieval and grounding too")
+    tr.add_argument("--val-every", type=int, help="evaluate every N steps and after the last (default 0: after the last only)")
+    tr.add_argument("--report-to", action="append", choices=["wandb"], help="also log to Weights & Biases (needs wandb)")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_train)
 

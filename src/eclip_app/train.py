@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +40,8 @@ from .training.checkpoint import (
 )
 from .training.config import TrainConfig, load_train_config, make_train_config
 from .training.data import make_data_source
-from .training.logs import RunLogs, ThroughputWindow
+from .training.logs import RunLogs, ThroughputWindow, wandb_module
+from .training.validation import Validation, is_validation, validation_due
 
 __all__ = [  # what callers import from here (some defined in .optim and .training)
     "CheckpointError",
@@ -84,6 +85,7 @@ class TrainResult:
     step: int = 0  # the step the run ended at (its last checkpoint)
     model_dir: Path | None = None  # OUT/model, when the run reached config.steps and wrote it
     signal: int | None = None  # the signal that stopped the run early
+    validation: list[dict] = field(default_factory=list)  # the validation records ("val/..." keys)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,6 +138,10 @@ def train(
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if not config.catalog and not config.shards:
         raise ValueError("no training data: set catalog (JSON Lines) or shards (eclip shard)")
+    # rank 0 evaluates (the others wait): a bad val catalog or reporter stops the run here, before any model is built
+    validation = Validation.from_config(config) if env.is_main else None
+    if env.is_main:
+        wandb_module(config.report_to)
     resuming = resume and bool(list_checkpoints(out))
     # a resumed run takes every weight from its checkpoint: no pretrained weights to load (or fetch)
     model = ECLIP(config.model, pretrained=not resuming)
@@ -169,7 +175,9 @@ def train(
         source, cache = cached_source(config, model, source, env)
     frozen_layers = {"vision": cache.vision_layers, "text": cache.text_layers} if cache else None
     step_fn = TrainStep(model, criterion, forward, env.device, config.accum_steps, config.precision, frozen_layers)
-    logs = RunLogs(out, history, enabled=env.is_main, tensorboard=config.tensorboard)
+    logs = RunLogs(out, history, enabled=env.is_main, tensorboard=config.tensorboard, report_to=config.report_to, run_config=to_dict(config))
+    if validation is not None:
+        validation.decode(model.image_size, progress and env.is_main)  # once: every evaluation reuses it
     if env.is_main:
         atomic_write_text(out / "train_config.json", json.dumps(to_dict(config), indent=2))
 
@@ -227,6 +235,10 @@ def train(
                 }
                 logs.write(record)
                 bar.set_postfix(loss=f"{record['loss_total']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+            # before the checkpoint, so that a resume from it redoes only later validations; a run
+            # stopped by a signal goes straight to its checkpoint
+            if validation_due(config, step) and not stopping:
+                window.exclude(validate(validation, model, optimizer, config, env, logs, step))
             if step % config.checkpoint_every == 0 or step == end or stopping:
                 save_checkpoint(out, model, optimizer, scheduler, source, step, config.keep_checkpoints, write=env.is_main)
                 barrier()
@@ -239,6 +251,20 @@ def train(
     if env.is_main and model_dir is not None:
         save_model(final, model_dir)
     barrier()
-    return TrainResult(model=final, history=logs.history, out_dir=out, seconds=time.time() - begin,
-                       stopped_by_signal=stop.received is not None, skipped_steps=skipped, step=step,
-                       model_dir=model_dir, signal=stop.received)
+    return TrainResult(model=final, history=[r for r in logs.history if not is_validation(r)], out_dir=out,
+                       seconds=time.time() - begin, stopped_by_signal=stop.received is not None, skipped_steps=skipped,
+                       step=step, model_dir=model_dir, signal=stop.received,
+                       validation=[r for r in logs.history if is_validation(r)])
+
+
+def validate(validation: Validation | None, model: ECLIP, optimizer, config: TrainConfig, env: DistEnv, logs: RunLogs, step: int) -> float:
+    """Rank 0 evaluates the validation set and logs a record; the other ranks wait (every rank
+    calls this). Under FSDP the shards are first gathered into a plain copy (collective).
+    Returns the seconds it took."""
+    begin = time.perf_counter()
+    evaluated = unsharded(model, optimizer, config.model, env) if config.fsdp else model
+    if env.is_main:
+        logs.write({"step": step, **validation.run(evaluated.to(env.device))})
+    barrier()
+    return time.perf_counter() - begin
+

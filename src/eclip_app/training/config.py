@@ -20,6 +20,10 @@ from eclip.presets import model_preset, objective_preset
 from ..optim import OptimConfig
 
 
+class SettingError(ValueError):
+    """Settings of a TrainConfig that cannot run as given (found before training starts)."""
+
+
 @dataclass
 class TrainConfig(Checked):
     """Every field is checked against its type and range when the config is built or
@@ -64,6 +68,13 @@ class TrainConfig(Checked):
     feature_cache: bool = False
     feature_cache_dir: str = ""  # memory-mapped files here (eclip cache-features fills it); "": in memory
     feature_cache_dtype: Literal["fp16", "fp32"] = "fp16"
+    # --- validation during training (eclip_app.training.validation): off without val_catalog
+    val_catalog: str = ""  # held-out catalog (JSON Lines): zero-shot, retrieval and grounding metrics
+    val_scene_catalog: str = ""  # scenes of val_catalog's products (eclip compose): scene retrieval and grounding
+    val_every: int = 0  # evaluate every N steps and after the last (0: after the last only)
+    val_batch: int = 128  # images per evaluation batch
+    val_max_products: int = 0  # the first N products of val_catalog (0: all)
+    report_to: list[str] = field(default_factory=list)  # ["wandb"]: every record to Weights & Biases too
 
     def validate(self) -> None:
         """The checks across fields (each field alone is checked as it is set)."""

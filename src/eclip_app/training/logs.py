@@ -1,14 +1,18 @@
 """What a run reports: samples/s and data wait (ThroughputWindow), and metrics.jsonl plus
-TensorBoard event files (RunLogs)."""
+TensorBoard event files and, when asked, Weights & Biases (RunLogs)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 
 from eclip.atomic import atomic_write_text
+
+from .config import SettingError
 
 logger = logging.getLogger("eclip.train")
 
@@ -26,6 +30,10 @@ class ThroughputWindow:
         self.samples += samples
         self.data_time += data_time
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (validation) out of the window."""
+        self.start += seconds
+
     def read(self, world_size: int) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         out = {
@@ -37,17 +45,46 @@ class ThroughputWindow:
         return out
 
 
-class RunLogs:
-    """metrics.jsonl (always) and TensorBoard event files (when installed and enabled), written
-    by rank 0 only."""
+REPORTERS = ("wandb",)
 
-    def __init__(self, out: Path, history: list[dict], enabled: bool, tensorboard: bool):
+
+def wandb_module(report_to: list[str] | str):
+    """The `wandb` module when `report_to` names it (None when not); a clear error for a name
+    that is not a reporter, or when wandb is not installed."""
+    report_to = [report_to] if isinstance(report_to, str) else list(report_to)  # `--set report_to=wandb`
+    unknown = [name for name in report_to if name not in REPORTERS]
+    if unknown:
+        raise SettingError(f"report_to: unknown {unknown}; choose from {list(REPORTERS)} (TensorBoard is the tensorboard field)")
+    if "wandb" not in report_to:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise SettingError("report_to=['wandb'] needs the wandb package: pip install wandb (then wandb login)") from None
+    return wandb
+
+
+class RunLogs:
+    """metrics.jsonl (always), TensorBoard event files (when installed and enabled) and Weights &
+    Biases (when `report_to` names it), written by rank 0 only."""
+
+    def __init__(self, out: Path, history: list[dict], enabled: bool, tensorboard: bool,
+                 report_to: list[str] | str = (), run_config: dict | None = None):
         self.history = history
         self.enabled = enabled
         self.file = None
         self.writer = None
+        self.wandb = None
         if not enabled:
             return
+        wandb = wandb_module(report_to)
+        if wandb is not None:
+            # one W&B run per run folder: a resumed run continues it (W&B ignores steps it has seen)
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+            atomic_write_text(id_file, run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "eclip"), name=out.name, id=run_id,
+                                    resume="allow", dir=str(out), config=run_config)
         path = out / "metrics.jsonl"
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
         self.file = path.open("a", encoding="utf-8")
@@ -70,6 +107,8 @@ class RunLogs:
                 if key != "step":
                     tag = key.replace("loss_", "loss/", 1).replace("lr_", "lr/", 1)
                     self.writer.add_scalar(tag, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def __enter__(self):
         return self
@@ -79,3 +118,5 @@ class RunLogs:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
