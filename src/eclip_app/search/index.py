@@ -25,6 +25,9 @@ import pyarrow.parquet as pq
 
 from eclip.atomic import atomic_folder
 
+from .filters import FacetColumns, parse_filters
+from .lexical import LexicalIndex
+
 FORMAT = "eclip-product-index"
 FORMAT_VERSION = 1
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -37,6 +40,12 @@ IVF_NPROBE = 32
 # recall@10 >= 0.95 there; IVF-PQ (recall about 0.75-0.8) only when the budget says so
 DEFAULT_MEMORY_BUDGET_MB = 4096
 TOMBSTONE_REBUILD_FRACTION = 0.5
+# Filtered search: a filter that selects at most EXACT_FILTER_VECTORS vectors is searched
+# exactly (a scan of the selected ids only, cost ~ their number); a wider one by the index with
+# an id selector, HNSW's efSearch raised to efSearch / selectivity^0.7, since a thin selection
+# needs a wider beam for the same recall (measured: benchmarks/filtered_search.py, BENCHMARKS.md).
+EXACT_FILTER_VECTORS = 20_000
+FILTER_EF_EXPONENT = 0.7
 FILES = ("index.faiss", "vectors.parquet", "products.parquet", "index.json")
 
 
@@ -165,6 +174,8 @@ class ProductIndex:
         self._products: dict[str, dict] = {}  # product id -> metadata
         self._product_vecs: dict[str, list[int]] = {}  # product id -> its vector ids
         self._live_vectors = 0
+        self._facets = FacetColumns()  # filters and facet counts over vector ids
+        self._lexical = LexicalIndex()  # BM25 over titles and attributes, rebuilt when stale
 
     # ------------------------------------------------------------------ construction
 
@@ -263,25 +274,39 @@ class ProductIndex:
         except KeyError:
             raise KeyError(f"product {product_id!r} is not in the index") from None
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
-        """Per query: up to k (product_id, score) pairs, best first, distinct products."""
-        return [[(h.product_id, h.score) for h in hits] for hits in self.search_hits(queries, k)]
+    def search(self, queries: np.ndarray, k: int = 10, filters=None) -> list[list[tuple[str, float]]]:
+        """Per query: up to k (product_id, score) pairs, best first, distinct products.
+        `filters`: facet conditions (`filters.parse_filters`), all of which a result meets."""
+        return [[(h.product_id, h.score) for h in hits] for hits in self.search_hits(queries, k, filters)]
 
-    def search_hits(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search_hits(self, queries: np.ndarray, k: int = 10, filters=None) -> list[list[Hit]]:
         """Like `search`, with the matched photo of each product."""
         q = _normalised(queries, self.dim, "queries")
+        conditions = parse_filters(filters)
         with self._lock.read():
-            k = min(int(k), len(self._products))
+            selector, exact = None, False
+            live_vectors, products = self._live_vectors, len(self._products)
+            if conditions:
+                self._facets.check(conditions)
+                mask = self._facets.mask(conditions, self._next_id)
+                live_vectors = int(mask.sum())
+                products = int((mask & self._facets.primary[: self._next_id]).sum())
+                exact = live_vectors <= EXACT_FILTER_VECTORS
+                bits = np.packbits(mask, bitorder="little")
+                selector = (faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits)  # bits live as long
+            k = min(int(k), products)
             if k <= 0:
                 return [[] for _ in range(len(q))]
-            ntotal = int(self._index.ntotal)
+            # a selector passes only live selected vectors; without one, tombstones come back too
+            ntotal = live_vectors if conditions else int(self._index.ntotal)
             # enough vectors for k products on average, plus the tombstones' share
-            per_product = max(1.0, self._live_vectors / len(self._products))
-            fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, self._live_vectors)) + k)
+            per_product = max(1.0, live_vectors / products)
+            fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, live_vectors)) + k)
             results: list[list[Hit] | None] = [None] * len(q)
             todo = np.arange(len(q))
             while len(todo):
-                scores, ids = self._faiss_search(q[todo], fetch)
+                scores, ids = self._faiss_search(q[todo], fetch, None if selector is None else selector[0], exact,
+                                                 live_vectors / max(1, self._live_vectors))
                 retry = []
                 for row, qi in enumerate(todo):
                     hits = self._aggregate(scores[row], ids[row], k)
@@ -293,15 +318,40 @@ class ProductIndex:
                 fetch = min(ntotal, fetch * 4)
             return results  # type: ignore[return-value]
 
-    def _faiss_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss_search(self, q: np.ndarray, fetch: int, selector=None, exact: bool = False,
+                      selectivity: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         # per-call parameters instead of setting index fields: safe under concurrent searches
         if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(efSearch=max(self.params["ef_search"], fetch))
+            if exact:  # the graph's flat storage, positions = ids: a scan of the selected vectors
+                return self._index.storage.search(q, fetch, params=faiss.SearchParameters(sel=selector))
+            ef = math.ceil(max(self.params["ef_search"], fetch) / max(selectivity, 1e-6) ** FILTER_EF_EXPONENT)
+            params = faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
             return self._index.search(q, fetch, params=params)
         if self.kind == "ivfpq":
-            params = faiss.SearchParametersIVF(nprobe=self.params["nprobe"], max_codes=0)
+            nprobe = self.params["nlist"] if exact else self.params["nprobe"]
+            params = faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0, sel=selector)
             return self._index.search(q, fetch, params=params)
+        if selector is not None:
+            return self._index.search(q, fetch, params=faiss.SearchParameters(sel=selector))
         return self._index.search(q, fetch)
+
+    def facet_counts(self, filters=None) -> dict[str, dict[str, int]]:
+        """Products per facet value under `filters` (a facet's own condition left out of its
+        counts: `FacetColumns.counts`)."""
+        conditions = parse_filters(filters)
+        with self._lock.read():
+            self._facets.check(conditions)
+            return self._facets.counts(conditions, self._next_id)
+
+    def search_lexical(self, text: str, k: int = 10, filters=None) -> list[tuple[str, float]]:
+        """Up to k (product_id, BM25 score) for a text over titles and attributes, best first;
+        products with no query word are not returned."""
+        conditions = parse_filters(filters)
+        with self._lock.read():
+            self._facets.check(conditions)
+            self._lexical.ensure(self._products, self._product_vecs)
+            allowed = self._facets.mask(conditions, self._next_id)
+            return self._lexical.search(text, int(k), allowed)
 
     def _aggregate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
         """Vector hits (best first) -> the first k distinct live products, each at its best."""
@@ -358,6 +408,9 @@ class ProductIndex:
                     meta["image_paths"] = paths.get(pid, [])
                 self._products[pid] = meta
             self._live_vectors += len(x)
+            self._facets.grow(self._next_id)
+            self._facets.set_products([(self._product_vecs[pid], meta) for pid, meta in new_meta.items()])
+            self._lexical.stale = True
 
     def remove(self, product_ids) -> int:
         """Delete products by id; unknown ids are ignored. Returns how many were removed."""
@@ -380,6 +433,7 @@ class ProductIndex:
         ids = np.array(vids, dtype=np.int64)
         self._vec_pid[ids] = None
         self._vec_path[ids] = None
+        self._facets.clear(ids)  # the lexical index masks removed products by their vectors
         self._live_vectors -= len(ids)
         if self.kind != "hnsw":
             self._index.remove_ids(ids)
@@ -409,6 +463,8 @@ class ProductIndex:
         self._vec_path = self._vec_path[live].copy()
         self._next_id = len(live)
         self._product_vecs = {pid: [remap[v] for v in vs] for pid, vs in self._product_vecs.items()}
+        self._facets.keep(live)
+        self._lexical.stale = True  # its documents point at the old vector ids
 
     def _grow(self, size: int) -> None:
         if size <= len(self._vec_pid):
@@ -478,6 +534,9 @@ class ProductIndex:
         for pid, meta in zip(products.column("product_id").to_pylist(), products.column("metadata").to_pylist()):
             self._products[pid] = json.loads(meta)
         self._live_vectors = len(ids)
+        # the facet columns are derived from the metadata, not stored
+        self._facets.grow(self._next_id)
+        self._facets.set_products([(self._product_vecs[pid], meta) for pid, meta in self._products.items()])
         return self
 
     def __repr__(self) -> str:
