@@ -103,6 +103,35 @@ def test_search_image_and_both_with_ground(client):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
 
 
+def test_search_filters_modes_and_facets(client, service):
+    """Filters in JSON (an object) and form data (key=value fields), BM25 and hybrid ranking,
+    facet counts in every answer, and 400s that name the field."""
+    body = client.post("/search", json={"text": "red shirt", "k": 10, "mode": "hybrid", "filters": {"category": "bag"}}).json()
+    assert len(body["results"]) == 6 and {r["category"] for r in body["results"]} == {"bag"}
+    assert body["query"]["mode"] == "hybrid" and body["query"]["filters"] == {"category": "bag"}
+    # a facet's own filter is left out of its counts; the others' are applied
+    assert body["facets"]["category"] == {"shirt": 6, "bag": 6, "shoe": 6}
+    assert body["facets"]["colour"] == {c: 1 for c in ("red", "blue", "green", "yellow", "black", "orange")}
+    # BM25: the title words decide; a form with repeated expressions (one key: any of them)
+    form = client.post("/search", data={"text": "green shoe", "mode": "lexical", "k": "3",
+                                        "filters": ["colour=green", "colour=red"]}).json()
+    assert form["results"][0]["title"] == "green shoe"
+    assert {r["attributes"]["colour"] for r in form["results"]} <= {"green", "red"}
+    assert form["facets"]["category"] == {"shirt": 2, "bag": 2, "shoe": 2}
+    # hybrid = reciprocal rank fusion of the dense and the lexical rankings
+    dense = [r.product_id for r in service.searcher.search_text("yellow bag", 50)]
+    lexical = [p for p, _ in service.index.search_lexical("yellow bag", 50)]
+    hybrid = client.post("/search", json={"text": "yellow bag", "mode": "hybrid", "k": 5}).json()["results"]
+    from eclip_app.search.lexical import reciprocal_rank_fusion
+
+    assert [r["product_id"] for r in hybrid] == [p for p, _ in reciprocal_rank_fusion([dense, lexical], 5)]
+    for payload, field in [({"text": "x", "filters": {"brand": "nike"}}, "filters"), ({"text": "x", "filters": ["colour"]}, "filters"),
+                           ({"text": "x", "mode": "fuzzy"}, "mode"), ({"image": base64.b64encode(png_bytes()).decode(), "mode": "lexical"}, "mode"),
+                           ({"text": "x", "filters": {"colour": {"gte": "a"}}}, "filters")]:
+        response = client.post("/search", json=payload)
+        assert response.status_code == 400 and error_field(response) == field, (payload, response.text)
+
+
 def test_search_get_with_query_string(client):
     r = client.get("/search", params={"q": "green shoe", "k": 2})
     assert r.status_code == 200 and len(r.json()["results"]) == 2

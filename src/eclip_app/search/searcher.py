@@ -10,10 +10,15 @@ Image + text: the query photo may show several products, and the text says which
 should differ. The query vector is `eclip.retrieval.image_text_query`: the text-guided instance
 (with an instance decoder) plus the text, renormalised; each modality weighs the same
 (`text_weight` changes that).
+
+Modes (queries with a text): `dense` ranks by the embedding alone, `lexical` by BM25 over
+titles and attributes alone, `hybrid` fuses the two rankings' top HYBRID_DEPTH by reciprocal
+rank fusion. Every mode takes the index's metadata `filters`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +32,9 @@ from eclip.model.eclip import ECLIP
 from eclip.retrieval import image_text_query
 
 from .index import Hit, IndexFolderError, ProductIndex
+from .lexical import MODES, reciprocal_rank_fusion
+
+HYBRID_DEPTH = 50  # candidates taken from each ranking before fusion
 
 
 @dataclass
@@ -98,27 +106,52 @@ class Searcher:
 
     # ------------------------------------------------------------------ search
 
-    def search_vector(self, vector: np.ndarray, k: int = 10) -> list[SearchRow]:
-        hits = self.index.search_hits(vector[None, :], k)[0]
+    def search_vector(self, vector: np.ndarray, k: int = 10, filters=None) -> list[SearchRow]:
+        hits = self.index.search_hits(vector[None, :], k, filters)[0]
         return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
+
+    def _ranked(self, vector: Callable[[], np.ndarray], text: str | None, k: int, filters, mode: str) -> list[SearchRow]:
+        """Dense, lexical or fused rows (module doc); `vector` embeds the query when needed."""
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "dense":
+            return self.search_vector(vector(), k, filters)
+        if text is None:
+            raise ValueError(f"mode {mode!r} needs a query text")
+        if mode == "lexical":
+            hits = [Hit(pid, score, None) for pid, score in self.index.search_lexical(text, k, filters)]
+        else:
+            depth = max(k, HYBRID_DEPTH)
+            dense = self.index.search_hits(vector()[None, :], depth, filters)[0]
+            lexical = self.index.search_lexical(text, depth, filters)
+            photos = {h.product_id: h.image_path for h in dense}
+            fused = reciprocal_rank_fusion([[h.product_id for h in dense], [pid for pid, _ in lexical]], k)
+            hits = [Hit(pid, score, photos.get(pid)) for pid, score in fused]
+        return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
+
+    def facets(self, filters=None) -> dict[str, dict[str, int]]:
+        """Products per facet value under `filters` (ProductIndex.facet_counts)."""
+        return self.index.facet_counts(filters)
 
     def _row(self, rank: int, hit: Hit) -> SearchRow:
         meta = self.index.metadata(hit.product_id)
         path = hit.image_path or next(iter(meta.get("image_paths") or []), None)
         return SearchRow(rank, hit.product_id, hit.score, meta.get("title"), path)
 
-    def search_text(self, text: str, k: int = 10) -> list[SearchRow]:
+    def search_text(self, text: str, k: int = 10, filters=None, mode: str = "dense") -> list[SearchRow]:
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self.search_vector(self.embed_text(text), k)
+        return self._ranked(lambda: self.embed_text(text), text, k, filters, mode)
 
-    def search_image(self, image: Image.Image, k: int = 10) -> list[SearchRow]:
-        return self.search_vector(self.embed_image(image), k)
+    def search_image(self, image: Image.Image, k: int = 10, filters=None) -> list[SearchRow]:
+        return self.search_vector(self.embed_image(image), k, filters)
 
-    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5) -> list[SearchRow]:
+    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5,
+                          filters=None, mode: str = "dense") -> list[SearchRow]:
+        """`hybrid` fuses the image-plus-text ranking with BM25 of the text; `lexical` is BM25 alone."""
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self.search_vector(self.embed_image_text(image, text, text_weight), k)
+        return self._ranked(lambda: self.embed_image_text(image, text, text_weight), text, k, filters, mode)
 
     # ------------------------------------------------------------------ grounding
 
