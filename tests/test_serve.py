@@ -381,8 +381,10 @@ def _chromium() -> str | None:
 
 
 def test_web_page_screenshot_in_headless_chromium(service, tmp_path):
-    """The page runs a search from ?q=, draws each result's grounding box in magenta on a canvas;
-    the screenshot must be the right size, not blank, and contain magenta box pixels."""
+    """The page runs a filtered hybrid search from ?q=&mode=&filter=, draws each result's
+    grounding box in magenta on a canvas and shows the facet counts as chips: the screenshot
+    must be the right size, not blank, and contain magenta box pixels; the rendered page must
+    hold only results that meet the filter and the chips with their counts, the chosen one active."""
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium not found: `make test` installs Debian's chromium package (apt-get install chromium)")
@@ -392,10 +394,34 @@ def test_web_page_screenshot_in_headless_chromium(service, tmp_path):
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}", "--window-size=1200,900", "--virtual-time-budget=8000",
-            f"{server.url}/?q=red+shirt&k=8",
+            "--window-size=1200,900", "--virtual-time-budget=8000",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        url = f"{server.url}/?q=red+shirt&k=8&mode=hybrid&filter=category%3Dshirt"
+        done = subprocess.run([*command, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=90)
+        dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=90).stdout
+    import html.parser
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cards, self.chips, self._chip = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "article":
+                self.cards.append(attrs.get("data-category"))
+            if tag == "button" and "chip" in (attrs.get("class") or ""):
+                self._chip = attrs
+
+        def handle_data(self, data):
+            if self._chip is not None:
+                self.chips.append((data, "active" in self._chip["class"]))
+                self._chip = None
+
+    page = Page()
+    page.feed(dom)
+    assert page.cards == ["shirt"] * 6, dom[-3000:]  # 6 shirts in the catalog, all of them, nothing else
+    assert ("shirt (6)", True) in page.chips and ("bag (6)", False) in page.chips and ("red (1)", False) in page.chips
     assert shot.exists(), done.stderr[-2000:]
     image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
     assert image.shape == (900, 1200, 3)
