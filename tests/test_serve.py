@@ -127,7 +127,8 @@ def test_search_filters_modes_and_facets(client, service):
     assert [r["product_id"] for r in hybrid] == [p for p, _ in reciprocal_rank_fusion([dense, lexical], 5)]
     for payload, field in [({"text": "x", "filters": {"brand": "nike"}}, "filters"), ({"text": "x", "filters": ["colour"]}, "filters"),
                            ({"text": "x", "mode": "fuzzy"}, "mode"), ({"image": base64.b64encode(png_bytes()).decode(), "mode": "lexical"}, "mode"),
-                           ({"text": "x", "filters": {"colour": {"gte": "a"}}}, "filters")]:
+                           ({"text": "x", "filters": {"colour": {"gte": "a"}}}, "filters"),
+                           ({"text": "x", "filters": {"colour": [str(i) for i in range(65)]}}, "filters")]:
         response = client.post("/search", json=payload)
         assert response.status_code == 400 and error_field(response) == field, (payload, response.text)
 

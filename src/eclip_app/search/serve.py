@@ -591,13 +591,13 @@ def _filters(payload: Payload, settings: ServeSettings) -> dict | list[str] | No
     values = payload.fields.get("filters") or []
     if len(values) == 1 and isinstance(values[0], dict):
         spec: dict | list[str] = values[0]
-        size = len(values[0])
+        size = sum(len(v) if isinstance(v, list) else 1 for v in spec.values())
     elif len(values) == 1 and isinstance(values[0], str) and values[0].lstrip().startswith("{"):
         try:  # a form field holding a JSON object
             spec = json.loads(values[0])
         except ValueError as error:
             raise ApiError(400, "filters", f"filters is not valid JSON: {error}") from error
-        size = len(spec) if isinstance(spec, dict) else 0
+        size = sum(len(v) if isinstance(v, list) else 1 for v in spec.values()) if isinstance(spec, dict) else 0
     else:
         spec = [payload._check_text("filters", v) for v in values]
         size = len(spec)
