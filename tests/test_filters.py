@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("faiss")
 pytest.importorskip("bm25s")
 
+import eclip_app.search.index as index_module  # noqa: E402
 from eclip_app.search.filters import FilterError, parse_filters  # noqa: E402
 from eclip_app.search.index import ProductIndex  # noqa: E402
 from eclip_app.search.lexical import reciprocal_rank_fusion  # noqa: E402
@@ -63,9 +64,12 @@ FILTERS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
-def test_filtered_search_equals_exact_filtered_search(kind):
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "hnsw-selector", "ivfpq-selector"])
+def test_filtered_search_equals_exact_filtered_search(kind, monkeypatch):
     x, pids, meta = _catalog(1000)
+    if kind.endswith("-selector"):  # every filter through the index's own search with an id selector
+        monkeypatch.setattr(index_module, "EXACT_FILTER_VECTORS", 0)
+        kind = kind.split("-")[0]
     index = ProductIndex.build(x, pids, meta, kind=kind)
     queries = clustered(12, 24, 12, seed=5)
     for filters in FILTERS:

@@ -42,8 +42,9 @@ DEFAULT_MEMORY_BUDGET_MB = 4096
 TOMBSTONE_REBUILD_FRACTION = 0.5
 # Filtered search: a filter that selects at most EXACT_FILTER_VECTORS vectors is searched
 # exactly (a scan of the selected ids only, cost ~ their number); a wider one by the index with
-# an id selector, HNSW's efSearch raised to efSearch / selectivity^0.7, since a thin selection
-# needs a wider beam for the same recall (measured: benchmarks/filtered_search.py, BENCHMARKS.md).
+# an id selector, HNSW's efSearch (IVF-PQ's nprobe) raised to efSearch / selectivity^0.7, since
+# a thin selection needs a wider beam for the same recall (measured: benchmarks/filtered_search.py,
+# BENCHMARKS.md).
 EXACT_FILTER_VECTORS = 20_000
 FILTER_EF_EXPONENT = 0.7
 FILES = ("index.faiss", "vectors.parquet", "products.parquet", "index.json")
@@ -328,7 +329,9 @@ class ProductIndex:
             params = faiss.SearchParametersHNSW(efSearch=ef, sel=selector)
             return self._index.search(q, fetch, params=params)
         if self.kind == "ivfpq":
-            nprobe = self.params["nlist"] if exact else self.params["nprobe"]
+            # the same widening for the lists probed; exact: every list
+            nprobe = self.params["nlist"] if exact else min(
+                self.params["nlist"], math.ceil(self.params["nprobe"] / max(selectivity, 1e-6) ** FILTER_EF_EXPONENT))
             params = faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0, sel=selector)
             return self._index.search(q, fetch, params=params)
         if selector is not None:
