@@ -32,6 +32,7 @@ Writes `--out` (JSON) and prints a Markdown table per query kind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         start = time.perf_counter()
         searcher = Searcher(model, index_products(model, heldout))
+        searcher.embed_text = functools.lru_cache(maxsize=None)(searcher.embed_text)  # dense and hybrid share a query's vector
         timings[f"index {name}"] = time.perf_counter() - start
         arms = {f"dense {name}": "dense", f"hybrid {name}": "hybrid"}
         if not lexical_done:
