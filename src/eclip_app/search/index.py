@@ -294,7 +294,7 @@ class ProductIndex:
                 products = int((mask & self._facets.primary[: self._next_id]).sum())
                 exact = live_vectors <= EXACT_FILTER_VECTORS
                 bits = np.packbits(mask, bitorder="little")
-                selector = (faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits)  # bits live as long
+                selector = (faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits)  # n in bytes; bits live as long
             k = min(int(k), products)
             if k <= 0:
                 return [[] for _ in range(len(q))]
