@@ -7,7 +7,9 @@ ranking, without and with a facet filter.
 
 1. The catalog and the split are real_catalog's (`myntra_catalog`, `split_by_product`, same
    seed and sizes as experiments/small_products): the held-out products were in no training
-   run, and they are both the searched catalog and the source of the queries.
+   run, and they are both the searched catalog and the source of the queries (`--split
+   validation` searches the validation products instead, for a run that keeps its held-out split
+   unread).
 2. Queries (`build_queries`), each from one held-out product's attributes, written the way
    shoppers type, never the title itself:
    - `attributes`: "{colour} {type} for {gender}" and "{gender} {usage} {type}" ("navy blue
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-products", type=int, default=2000)
     p.add_argument("--heldout-products", type=int, default=1000)
     p.add_argument("--validation-products", type=int, default=300)
+    p.add_argument("--split", choices=("heldout", "validation"), default="heldout",
+                   help="which untrained-on products to search (validation: leaves a --validation-only run's held-out split unread)")
     p.add_argument("--queries-per-kind", type=int, default=200)
     p.add_argument("--image-size", type=int, default=224, help="for --init")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -244,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     products = myntra_catalog(Path(args.data), work)
-    _, heldout, _ = split_by_product(products, args.train_products, args.heldout_products, args.seed, args.validation_products)
+    _, heldout, validation = split_by_product(products, args.train_products, args.heldout_products, args.seed, args.validation_products)
+    if args.split == "validation":
+        heldout = validation
     queries = build_queries(heldout, args.queries_per_kind, args.seed)
     logger.info("%d held-out products, %d queries", len(heldout), len(queries))
 
