@@ -530,6 +530,21 @@ def test_cli_embed_index_search_prints_tables(model_dir, synth_catalog, tmp_path
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 and len(rows[0]["box"]) == 4 and rows[0]["rank"] == 1
 
+    # filters, modes and facet counts
+    index = ProductIndex.load(idx)
+    category = index.metadata(index.product_ids()[0])["category"]
+    members = {p for p in index.product_ids() if index.metadata(p)["category"] == category}
+    for mode in ("dense", "lexical", "hybrid"):
+        assert main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--text", f"blue {category}", "-k", "50",
+                     "--mode", mode, "--filter", f"category={category.upper()}", "--facets", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {r["product_id"] for r in out["results"]} <= members and out["results"], mode
+        assert out["facets"]["category"] == index.facet_counts()["category"]
+    assert main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--text", "bag", "--filter", "category"]) == 2
+    assert "bad filter 'category'" in capsys.readouterr().err
+    assert main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--image", str(image), "--mode", "lexical"]) == 2
+    assert "--mode lexical needs --text" in capsys.readouterr().err
+
 
 def test_cli_bad_inputs_give_clear_errors(model_dir, index_dir, tmp_path, capsys):
     assert main(["-q", "search", "--model", str(model_dir), "--index", str(tmp_path / "nope"), "--text", "x"]) == 1

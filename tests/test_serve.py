@@ -103,6 +103,36 @@ def test_search_image_and_both_with_ground(client):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
 
 
+def test_search_filters_modes_and_facets(client, service):
+    """Filters in JSON (an object) and form data (key=value fields), BM25 and hybrid ranking,
+    facet counts in every answer, and 400s that name the field."""
+    body = client.post("/search", json={"text": "red shirt", "k": 10, "mode": "hybrid", "filters": {"category": "bag"}}).json()
+    assert len(body["results"]) == 6 and {r["category"] for r in body["results"]} == {"bag"}
+    assert body["query"]["mode"] == "hybrid" and body["query"]["filters"] == {"category": "bag"}
+    # a facet's own filter is left out of its counts; the others' are applied
+    assert body["facets"]["category"] == {"shirt": 6, "bag": 6, "shoe": 6}
+    assert body["facets"]["colour"] == {c: 1 for c in ("red", "blue", "green", "yellow", "black", "orange")}
+    # BM25: the title words decide; a form with repeated expressions (one key: any of them)
+    form = client.post("/search", data={"text": "green shoe", "mode": "lexical", "k": "3",
+                                        "filters": ["colour=green", "colour=red"]}).json()
+    assert form["results"][0]["title"] == "green shoe"
+    assert {r["attributes"]["colour"] for r in form["results"]} <= {"green", "red"}
+    assert form["facets"]["category"] == {"shirt": 2, "bag": 2, "shoe": 2}
+    # hybrid = reciprocal rank fusion of the dense and the lexical rankings
+    dense = [r.product_id for r in service.searcher.search_text("yellow bag", 50)]
+    lexical = [p for p, _ in service.index.search_lexical("yellow bag", 50)]
+    hybrid = client.post("/search", json={"text": "yellow bag", "mode": "hybrid", "k": 5}).json()["results"]
+    from eclip_app.search.lexical import reciprocal_rank_fusion
+
+    assert [r["product_id"] for r in hybrid] == [p for p, _ in reciprocal_rank_fusion([dense, lexical], 5)]
+    for payload, field in [({"text": "x", "filters": {"brand": "nike"}}, "filters"), ({"text": "x", "filters": ["colour"]}, "filters"),
+                           ({"text": "x", "mode": "fuzzy"}, "mode"), ({"image": base64.b64encode(png_bytes()).decode(), "mode": "lexical"}, "mode"),
+                           ({"text": "x", "filters": {"colour": {"gte": "a"}}}, "filters"),
+                           ({"text": "x", "filters": {"colour": [str(i) for i in range(65)]}}, "filters")]:
+        response = client.post("/search", json=payload)
+        assert response.status_code == 400 and error_field(response) == field, (payload, response.text)
+
+
 def test_search_get_with_query_string(client):
     r = client.get("/search", params={"q": "green shoe", "k": 2})
     assert r.status_code == 200 and len(r.json()["results"]) == 2
@@ -352,8 +382,10 @@ def _chromium() -> str | None:
 
 
 def test_web_page_screenshot_in_headless_chromium(service, tmp_path):
-    """The page runs a search from ?q=, draws each result's grounding box in magenta on a canvas;
-    the screenshot must be the right size, not blank, and contain magenta box pixels."""
+    """The page runs a filtered hybrid search from ?q=&mode=&filter=, draws each result's
+    grounding box in magenta on a canvas and shows the facet counts as chips: the screenshot
+    must be the right size, not blank, and contain magenta box pixels; the rendered page must
+    hold only results that meet the filter and the chips with their counts, the chosen one active."""
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium not found: `make test` installs Debian's chromium package (apt-get install chromium)")
@@ -363,10 +395,34 @@ def test_web_page_screenshot_in_headless_chromium(service, tmp_path):
             browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={shot}", "--window-size=1200,900", "--virtual-time-budget=8000",
-            f"{server.url}/?q=red+shirt&k=8",
+            "--window-size=1200,900", "--virtual-time-budget=8000",
         ]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=90)
+        url = f"{server.url}/?q=red+shirt&k=8&mode=hybrid&filter=category%3Dshirt"
+        done = subprocess.run([*command, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=90)
+        dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=90).stdout
+    import html.parser
+
+    class Page(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cards, self.chips, self._chip = [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "article":
+                self.cards.append(attrs.get("data-category"))
+            if tag == "button" and "chip" in (attrs.get("class") or ""):
+                self._chip = attrs
+
+        def handle_data(self, data):
+            if self._chip is not None:
+                self.chips.append((data, "active" in self._chip["class"]))
+                self._chip = None
+
+    page = Page()
+    page.feed(dom)
+    assert page.cards == ["shirt"] * 6, dom[-3000:]  # 6 shirts in the catalog, all of them, nothing else
+    assert ("shirt (6)", True) in page.chips and ("bag (6)", False) in page.chips and ("red (1)", False) in page.chips
     assert shot.exists(), done.stderr[-2000:]
     image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
     assert image.shape == (900, 1200, 3)

@@ -59,6 +59,7 @@ def _search(args) -> int:
 
     from eclip.data.transforms import load_rgb
 
+    from .filters import FilterError
     from .index import IndexFolderError
     from .searcher import Searcher
 
@@ -66,6 +67,8 @@ def _search(args) -> int:
         return _fail("search", ValueError("give --text, --image or both"), 2)
     if args.text is not None and not args.text.strip():
         return _fail("search", ValueError("--text is empty"), 2)
+    if args.mode != "dense" and args.text is None:
+        return _fail("search", ValueError(f"--mode {args.mode} needs --text"), 2)
     query_image: Image.Image | None = None
     if args.image is not None:
         try:
@@ -76,12 +79,18 @@ def _search(args) -> int:
         searcher = Searcher.load(args.model, args.index)
     except (IndexFolderError, FileNotFoundError, ValueError) as error:
         return _fail("search", error)
-    if query_image is not None and args.text is not None:
-        rows = searcher.search_image_text(query_image, args.text, args.k, text_weight=args.text_weight, tiles=args.tiles)
-    elif query_image is not None:
-        rows = searcher.search_image(query_image, args.k, tiles=args.tiles)
-    else:
-        rows = searcher.search_text(args.text, args.k)
+    filters = args.filter or None
+    try:
+        if query_image is not None and args.text is not None:
+            rows = searcher.search_image_text(query_image, args.text, args.k, text_weight=args.text_weight,
+                                              filters=filters, mode=args.mode, tiles=args.tiles)
+        elif query_image is not None:
+            rows = searcher.search_image(query_image, args.k, filters=filters, tiles=args.tiles)
+        else:
+            rows = searcher.search_text(args.text, args.k, filters=filters, mode=args.mode)
+        facets = searcher.facets(filters) if args.facets else None
+    except FilterError as error:
+        return _fail("search", error, 2)
 
     boxes: list[tuple[int, int, int, int] | None] = []
     if args.ground:
@@ -105,7 +114,7 @@ def _search(args) -> int:
             if args.ground:
                 item["box"] = None if boxes[i] is None else list(boxes[i])
             out.append(item)
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out if facets is None else {"results": out, "facets": facets}, indent=2))
         return 0
     headers = ["rank", "score", "product_id", "title", "image"] + (["box (x0,y0,x1,y1 px)"] if args.ground else [])
     table = []
@@ -115,6 +124,8 @@ def _search(args) -> int:
             cells.append("-" if boxes[i] is None else ",".join(str(v) for v in boxes[i]))
         table.append(cells)
     print(format_table(headers, table))
+    for key, counts in (facets or {}).items():
+        print(f"{key}: " + ", ".join(f"{value} ({count})" for value, count in counts.items()))
     return 0
 
 
@@ -155,6 +166,14 @@ def add_search_commands(sub) -> None:
     se.add_argument("--text-weight", type=float, default=0.5, help="weight of the text with --image and --text (0..1)")
     se.add_argument("--tiles", type=int, default=0, metavar="N",
                     help="also read the query image as N x N overlapping crops, for a product small in the photo (0: whole image only)")
-    se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    se.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                    help="only products whose facet matches (category, gender, baseColour, ... as the catalog records "
+                         "them; case-insensitive); repeat for more: one key repeated = any of its values, "
+                         "different keys = all; KEY>=X and KEY<=Y for numeric ranges")
+    se.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense",
+                    help="rank by the embedding (dense), BM25 over titles and attributes (lexical), "
+                         "or both fused by reciprocal rank (hybrid); lexical and hybrid need --text")
+    se.add_argument("--facets", action="store_true", help="also print products per facet value under the filters")
+    se.add_argument("--json", action="store_true", help="print JSON instead of a table (with --facets: {results, facets})")
     se.set_defaults(func=_search)
 

@@ -28,6 +28,9 @@ import pyarrow.parquet as pq
 
 from eclip.atomic import atomic_folder, recover_folder
 
+from .filters import FacetColumns, parse_filters
+from .lexical import LexicalIndex
+
 FORMAT = "eclip-product-index"
 FORMAT_VERSION = 1
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -40,6 +43,13 @@ IVF_NPROBE = 32
 # recall@10 >= 0.95 there; IVF-PQ (recall about 0.75-0.8) only when the budget says so
 DEFAULT_MEMORY_BUDGET_MB = 4096
 TOMBSTONE_REBUILD_FRACTION = 0.5
+# Filtered search: a filter that selects at most EXACT_FILTER_VECTORS vectors is searched
+# exactly (a scan of the selected ids only, cost ~ their number); a wider one by the index with
+# an id selector, HNSW's efSearch (IVF-PQ's nprobe) raised to efSearch / selectivity^0.7, since
+# a thin selection needs a wider beam for the same recall (measured: benchmarks/filtered_search.py,
+# BENCHMARKS.md).
+EXACT_FILTER_VECTORS = 20_000
+FILTER_EF_EXPONENT = 0.7
 FILES = ("index.faiss", "vectors.parquet", "products.parquet", "index.json")
 DATA_FILES = FILES[:3]  # the parts index.json fingerprints
 # the FAISS class each kind is saved as (read_index returns the most derived class)
@@ -213,6 +223,8 @@ class ProductIndex:
         self._search_params: dict[tuple, faiss.SearchParameters] = {}
         self._product_vecs: dict[str, list[int]] = {}  # product id -> its vector ids
         self._live_vectors = 0
+        self._facets = FacetColumns()  # filters and facet counts over vector ids
+        self._lexical = LexicalIndex()  # BM25 over titles and attributes, rebuilt when stale
 
     # ------------------------------------------------------------------ construction
 
@@ -320,33 +332,47 @@ class ProductIndex:
         except KeyError:
             raise KeyError(f"product {product_id!r} is not in the index") from None
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
-        """Per query: up to k (product_id, score) pairs, best first, distinct products."""
-        return [[(pid, score) for pid, score, _ in rows] for rows in self._search_rows(queries, k)]
+    def search(self, queries: np.ndarray, k: int = 10, filters=None) -> list[list[tuple[str, float]]]:
+        """Per query: up to k (product_id, score) pairs, best first, distinct products.
+        `filters`: facet conditions (`filters.parse_filters`), all of which a result meets."""
+        return [[(pid, score) for pid, score, _ in rows] for rows in self._search_rows(queries, k, filters)]
 
-    def search_hits(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search_hits(self, queries: np.ndarray, k: int = 10, filters=None) -> list[list[Hit]]:
         """Like `search`, with the matched photo of each product."""
-        return [[Hit(*row) for row in rows] for rows in self._search_rows(queries, k)]
+        return [[Hit(*row) for row in rows] for rows in self._search_rows(queries, k, filters)]
 
-    def _search_rows(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float, str | None]]]:
+    def _search_rows(self, queries: np.ndarray, k: int, filters=None) -> list[list[tuple[str, float, str | None]]]:
         """Per query: up to k (product_id, score, image_path), best first, distinct products."""
         q = _normalised(queries, self.dim, "queries")
+        conditions = parse_filters(filters)
         self._lock.acquire_read()
         try:
-            k = min(int(k), len(self._products))
+            selector, exact = None, False
+            live_vectors, products = self._live_vectors, len(self._products)
+            if conditions:
+                self._facets.check(conditions)
+                mask = self._facets.mask(conditions, self._next_id)
+                live_vectors = int(mask.sum())
+                products = int((mask & self._facets.primary[: self._next_id]).sum())
+                exact = live_vectors <= EXACT_FILTER_VECTORS
+                bits = np.packbits(mask, bitorder="little")
+                selector = (faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits)  # n in bytes; bits live as long
+            k = min(int(k), products)
             if k <= 0:
                 return [[] for _ in range(len(q))]
-            ntotal = int(self._index.ntotal)
-            if self._live_vectors == ntotal == len(self._products):
+            # a selector passes only live selected vectors; without one, tombstones come back too
+            ntotal = live_vectors if conditions else int(self._index.ntotal)
+            if live_vectors == ntotal == products:
                 fetch = k  # one live vector per product: k vectors are k products
             else:
                 # enough vectors for k products on average, plus the tombstones' share and a margin
-                per_product = self._live_vectors / len(self._products)
-                fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, self._live_vectors)) + k)
+                per_product = max(1.0, live_vectors / products)
+                fetch = min(ntotal, math.ceil(k * per_product * ntotal / max(1, live_vectors)) + k)
+            selectivity = live_vectors / max(1, self._live_vectors)
             results: list[list | None] = [None] * len(q)
             todo, batch = list(range(len(q))), q
             while todo:
-                scores, ids = self._faiss_search(batch, fetch)
+                scores, ids = self._faiss_search(batch, fetch, None if selector is None else selector[0], exact, selectivity)
                 retry = []
                 for row, qi in enumerate(todo):
                     hits = self._aggregate(scores[row], ids[row], k)
@@ -360,20 +386,34 @@ class ProductIndex:
         finally:
             self._lock.release_read()
 
-    def _faiss_search(self, q: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
-        # per-call parameters instead of setting index fields: safe under concurrent searches
+    def _faiss_search(self, q: np.ndarray, fetch: int, selector=None, exact: bool = False,
+                      selectivity: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        # per-call parameters instead of setting index fields: safe under concurrent searches;
+        # without a filter they are cached by value (the common path), with one they carry it
         if self.kind == "hnsw":
-            ef = max(self.params["ef_search"], fetch)
-            params = self._search_params.get(("hnsw", ef))
-            if params is None:
-                params = self._cache_params(("hnsw", ef), faiss.SearchParametersHNSW(efSearch=ef))
-            return self._index.search(q, fetch, params=params)
+            if selector is None:
+                ef = max(self.params["ef_search"], fetch)
+                params = self._search_params.get(("hnsw", ef))
+                if params is None:
+                    params = self._cache_params(("hnsw", ef), faiss.SearchParametersHNSW(efSearch=ef))
+                return self._index.search(q, fetch, params=params)
+            if exact:  # the graph's flat storage, positions = ids: a scan of the selected vectors
+                return self._index.storage.search(q, fetch, params=faiss.SearchParameters(sel=selector))
+            ef = math.ceil(max(self.params["ef_search"], fetch) / max(selectivity, 1e-6) ** FILTER_EF_EXPONENT)
+            return self._index.search(q, fetch, params=faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
         if self.kind == "ivfpq":
-            nprobe = self.params["nprobe"]
-            params = self._search_params.get(("ivfpq", nprobe))
-            if params is None:
-                params = self._cache_params(("ivfpq", nprobe), faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0))
-            return self._index.search(q, fetch, params=params)
+            if selector is None:
+                nprobe = self.params["nprobe"]
+                params = self._search_params.get(("ivfpq", nprobe))
+                if params is None:
+                    params = self._cache_params(("ivfpq", nprobe), faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0))
+                return self._index.search(q, fetch, params=params)
+            # the same widening for the lists probed; exact: every list
+            nprobe = self.params["nlist"] if exact else min(
+                self.params["nlist"], math.ceil(self.params["nprobe"] / max(selectivity, 1e-6) ** FILTER_EF_EXPONENT))
+            return self._index.search(q, fetch, params=faiss.SearchParametersIVF(nprobe=nprobe, max_codes=0, sel=selector))
+        if selector is not None:
+            return self._index.search(q, fetch, params=faiss.SearchParameters(sel=selector))
         return self._index.search(q, fetch)
 
     def _cache_params(self, key: tuple, params: faiss.SearchParameters) -> faiss.SearchParameters:
@@ -381,6 +421,24 @@ class ProductIndex:
             self._search_params = {}
         self._search_params[key] = params
         return params
+
+    def facet_counts(self, filters=None) -> dict[str, dict[str, int]]:
+        """Products per facet value under `filters` (a facet's own condition left out of its
+        counts: `FacetColumns.counts`)."""
+        conditions = parse_filters(filters)
+        with self._lock.read():
+            self._facets.check(conditions)
+            return self._facets.counts(conditions, self._next_id)
+
+    def search_lexical(self, text: str, k: int = 10, filters=None) -> list[tuple[str, float]]:
+        """Up to k (product_id, BM25 score) for a text over titles and attributes, best first;
+        products with no query word are not returned."""
+        conditions = parse_filters(filters)
+        with self._lock.read():
+            self._facets.check(conditions)
+            self._lexical.ensure(self._products, self._product_vecs)
+            allowed = self._facets.mask(conditions, self._next_id)
+            return self._lexical.search(text, int(k), allowed)
 
     def _aggregate(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[tuple[str, float, str | None]]:
         """Vector hits (best first) -> the first k distinct live products, each at its best."""
@@ -442,6 +500,9 @@ class ProductIndex:
                     meta["image_paths"] = paths.get(pid, [])
                 self._products[pid] = meta
             self._live_vectors += len(x)
+            self._facets.grow(self._next_id)
+            self._facets.set_products([(self._product_vecs[pid], meta) for pid, meta in new_meta.items()])
+            self._lexical.stale = True
 
     def remove(self, product_ids) -> int:
         """Delete products by id; unknown ids are ignored. Returns how many were removed."""
@@ -464,6 +525,7 @@ class ProductIndex:
         ids = np.array(vids, dtype=np.int64)
         self._vec_pid[ids] = None
         self._vec_path[ids] = None
+        self._facets.clear(ids)  # the lexical index masks removed products by their vectors
         self._live_vectors -= len(ids)
         if self.kind != "hnsw":
             self._index.remove_ids(ids)
@@ -493,6 +555,8 @@ class ProductIndex:
         self._vec_path = self._vec_path[live].copy()
         self._next_id = len(live)
         self._product_vecs = {pid: [remap[v] for v in vs] for pid, vs in self._product_vecs.items()}
+        self._facets.keep(live)
+        self._lexical.stale = True  # its documents point at the old vector ids
 
     def _grow(self, size: int) -> None:
         if size <= len(self._vec_pid):
@@ -640,6 +704,9 @@ class ProductIndex:
                 fail(f"products.parquet row {row} (product {pid!r}): metadata is not a JSON object")
             self._products[pid] = value
         self._live_vectors = len(ids)
+        # the facet columns are derived from the metadata, not stored
+        self._facets.grow(self._next_id)
+        self._facets.set_products([(self._product_vecs[pid], meta) for pid, meta in self._products.items()])
         return self
 
     def __repr__(self) -> str:

@@ -15,10 +15,15 @@ Tiles (`tiles=N`, N >= 2): the query photo is also cut into N x N overlapping cr
 (`eclip.tiling`), each read as an image, so a product a tenth of the photo is read at a larger
 scale. Every tile is a query vector (with a text: the tile's text-guided query) and a product
 scores its best match; grounding zooms into the tile that holds the whole image's box.
+
+Modes (queries with a text): `dense` ranks by the embedding alone, `lexical` by BM25 over
+titles and attributes alone, `hybrid` fuses the two rankings' top HYBRID_DEPTH by reciprocal
+rank fusion. Every mode takes the index's metadata `filters`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +44,9 @@ from eclip.tiling import (
 )
 
 from .index import Hit, IndexFolderError, ProductIndex
+from .lexical import MODES, reciprocal_rank_fusion
+
+HYBRID_DEPTH = 50  # candidates taken from each ranking before fusion
 
 
 @dataclass
@@ -120,34 +128,63 @@ class Searcher:
 
     # ------------------------------------------------------------------ search
 
-    def search_vector(self, vector: np.ndarray, k: int = 10) -> list[SearchRow]:
-        """Top k for one query vector (D,), or for several (V, D): a product scores its best match."""
-        vectors = vector[None, :] if vector.ndim == 1 else vector
+    def _dense_hits(self, vector: np.ndarray, k: int, filters=None) -> list[Hit]:
+        """Top k hits for one query vector (D,), or for several (V, D): a product scores its best match."""
+        if vector.ndim == 1:
+            return self.index.search_hits(vector[None, :], k, filters)[0]
         best: dict[str, Hit] = {}
-        for hits in self.index.search_hits(vectors, k):  # each vector's top k holds the merged top k
+        for hits in self.index.search_hits(vector, k, filters):  # each vector's top k holds the merged top k
             for hit in hits:
                 if hit.product_id not in best or hit.score > best[hit.product_id].score:
                     best[hit.product_id] = hit
-        ranked = sorted(best.values(), key=lambda hit: -hit.score)[:k]
-        return [self._row(rank, hit) for rank, hit in enumerate(ranked, start=1)]
+        return sorted(best.values(), key=lambda hit: -hit.score)[:k]
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, filters=None) -> list[SearchRow]:
+        """Top k for one query vector (D,), or for several (V, D): a product scores its best match."""
+        return [self._row(rank, hit) for rank, hit in enumerate(self._dense_hits(vector, k, filters), start=1)]
+
+    def _ranked(self, vector: Callable[[], np.ndarray], text: str | None, k: int, filters, mode: str) -> list[SearchRow]:
+        """Dense, lexical or fused rows (module doc); `vector` embeds the query when needed."""
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}; choose from {', '.join(MODES)}")
+        if mode == "dense":
+            return self.search_vector(vector(), k, filters)
+        if text is None:
+            raise ValueError(f"mode {mode!r} needs a query text")
+        if mode == "lexical":
+            hits = [Hit(pid, score, None) for pid, score in self.index.search_lexical(text, k, filters)]
+        else:
+            depth = max(k, HYBRID_DEPTH)
+            dense = self._dense_hits(vector(), depth, filters)
+            lexical = self.index.search_lexical(text, depth, filters)
+            photos = {h.product_id: h.image_path for h in dense}
+            fused = reciprocal_rank_fusion([[h.product_id for h in dense], [pid for pid, _ in lexical]], k)
+            hits = [Hit(pid, score, photos.get(pid)) for pid, score in fused]
+        return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
+
+    def facets(self, filters=None) -> dict[str, dict[str, int]]:
+        """Products per facet value under `filters` (ProductIndex.facet_counts)."""
+        return self.index.facet_counts(filters)
 
     def _row(self, rank: int, hit: Hit) -> SearchRow:
         meta = self.index.metadata(hit.product_id)
         path = hit.image_path or next(iter(meta.get("image_paths") or []), None)
         return SearchRow(rank, hit.product_id, hit.score, meta.get("title"), path)
 
-    def search_text(self, text: str, k: int = 10) -> list[SearchRow]:
+    def search_text(self, text: str, k: int = 10, filters=None, mode: str = "dense") -> list[SearchRow]:
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self.search_vector(self.embed_text(text), k)
+        return self._ranked(lambda: self.embed_text(text), text, k, filters, mode)
 
-    def search_image(self, image: Image.Image, k: int = 10, tiles: int = 0) -> list[SearchRow]:
-        return self.search_vector(self.embed_image(image, tiles), k)
+    def search_image(self, image: Image.Image, k: int = 10, filters=None, tiles: int = 0) -> list[SearchRow]:
+        return self.search_vector(self.embed_image(image, tiles), k, filters)
 
-    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5, tiles: int = 0) -> list[SearchRow]:
+    def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5,
+                          filters=None, mode: str = "dense", tiles: int = 0) -> list[SearchRow]:
+        """`hybrid` fuses the image-plus-text ranking with BM25 of the text; `lexical` is BM25 alone."""
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self.search_vector(self.embed_image_text(image, text, text_weight, tiles), k)
+        return self._ranked(lambda: self.embed_image_text(image, text, text_weight, tiles), text, k, filters, mode)
 
     # ------------------------------------------------------------------ grounding
 

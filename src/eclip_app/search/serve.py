@@ -2,7 +2,8 @@
 model, PyTorch `ECLIP` or `OnnxEncoder`, plus a `ProductIndex`), wrapped in a `SearchService`.
 
     GET  /health                 status, product count, encoder backend
-    POST /search                 text and/or image (multipart or JSON), k, ground -> ranked products
+    POST /search                 text and/or image (multipart or JSON), k, ground, filters, mode
+                                 -> ranked products and facet counts
     POST /embed                  texts and/or images -> vectors
     POST /classify               image + labels (+ prompts) -> zero-shot scores
     POST /ground                 image (or product_id) + text -> box and heat map
@@ -52,6 +53,7 @@ from eclip.data.transforms import normalize, to_uint8_tensor
 from eclip.evaluation import PROMPTS
 from eclip.model.grounding import upsample_heatmap
 
+from .filters import FilterError, parse_filters
 from .index import ProductIndex
 from .searcher import Searcher
 
@@ -193,13 +195,13 @@ class SearchService:
 
     # ---- search
 
-    def search(self, text: str | None, image: Image.Image | None, k: int) -> list[dict]:
+    def search(self, text: str | None, image: Image.Image | None, k: int, filters=None, mode: str = "dense") -> list[dict]:
         if text is not None and image is not None:
-            rows = self.searcher.search_image_text(image, text, k)
+            rows = self.searcher.search_image_text(image, text, k, filters=filters, mode=mode)
         elif text is not None:
-            rows = self.searcher.search_text(text, k)
+            rows = self.searcher.search_text(text, k, filters=filters, mode=mode)
         else:
-            rows = self.searcher.search_image(image, k)
+            rows = self.searcher.search_image(image, k, filters=filters)
         results = []
         for row in rows:
             meta = self.index.metadata(row.product_id)
@@ -656,21 +658,31 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     @app.api_route("/search", methods=["GET", "POST"])
     async def search(request: Request):
-        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground"})
+        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground", "filters", "mode"})
         text = payload.text("text") if payload.has("text") else payload.text("q")
         image = await payload.image("image")
         if text is None and image is None:
             raise ApiError(400, "text", "give a text, an image or both")
         k = payload.integer("k", 10, 1, settings.max_k)
         ground = payload.flag("ground")
+        mode = payload.text("mode") or "dense"
+        if mode not in ("dense", "lexical", "hybrid"):
+            raise ApiError(400, "mode", f"mode must be dense, lexical or hybrid, got {mode!r}")
+        if mode != "dense" and text is None:
+            raise ApiError(400, "mode", f"mode {mode} needs a text")
+        filters = _filters(payload, settings)
 
         def run():
             start = time.perf_counter()
-            results = service.search(text, image, k)
+            try:
+                results = service.search(text, image, k, filters, mode)
+                facets = service.searcher.facets(filters)
+            except FilterError as error:
+                raise ApiError(400, "filters", str(error)) from error
             if ground:
                 _ground_results(service, results, text, settings.max_ground, settings.max_pixels)
-            return {"query": {"text": text, "image": image is not None, "k": k}, "results": results,
-                    "took_ms": round((time.perf_counter() - start) * 1000, 2)}
+            return {"query": {"text": text, "image": image is not None, "k": k, "mode": mode, "filters": filters},
+                    "results": results, "facets": facets, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
         return await run_in_threadpool(run)
 
@@ -750,6 +762,31 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return RequestGuard(app, settings)
+
+
+def _filters(payload: Payload, settings: ServeSettings) -> dict | list[str] | None:
+    """`filters`: a JSON object ({key: value | [values] | {"gte", "lte"}}), or `key=value` /
+    `key>=x` / `key<=y` expressions (a JSON list, or repeated form fields)."""
+    values = payload.fields.get("filters") or []
+    if len(values) == 1 and isinstance(values[0], dict):
+        spec: dict | list[str] = values[0]
+        size = sum(len(v) if isinstance(v, list) else 1 for v in spec.values())
+    elif len(values) == 1 and isinstance(values[0], str) and values[0].lstrip().startswith("{"):
+        try:  # a form field holding a JSON object
+            spec = json.loads(values[0])
+        except ValueError as error:
+            raise ApiError(400, "filters", f"filters is not valid JSON: {error}") from error
+        size = sum(len(v) if isinstance(v, list) else 1 for v in spec.values()) if isinstance(spec, dict) else 0
+    else:
+        spec = [payload._check_text("filters", v) for v in values]
+        size = len(spec)
+    if size > settings.max_items:
+        raise ApiError(400, "filters", f"at most {settings.max_items} filters")
+    try:
+        parse_filters(spec)
+    except FilterError as error:
+        raise ApiError(400, "filters", str(error)) from error
+    return spec or None
 
 
 def _split_labels(value: str) -> list[str]:

@@ -1,12 +1,17 @@
-// The search page: a query (text, image or both) -> POST /search with ground=1 -> a grid of
-// results, each with its grounding box drawn on a canvas over the image. Boxes are drawn in
-// pure magenta (#ff00ff) so a screenshot test can find them.
+// The search page: a query (text, image or both), a ranking mode and facet filters -> POST
+// /search with ground=1 -> a grid of results, each with its grounding box drawn on a canvas
+// over the image, and the answer's facet counts as chips that toggle a filter. Boxes are drawn
+// in pure magenta (#ff00ff) so a screenshot test can find them.
 "use strict";
 
 const BOX_COLOUR = "#ff00ff";
 const form = document.getElementById("search-form");
 const statusLine = document.getElementById("status");
 const grid = document.getElementById("results");
+const facetBar = document.getElementById("facets");
+// chosen filters: facet -> set of values (one facet: any of its values; several: all)
+const chosen = new Map();
+let lastQuery = null;
 
 function apiKey() {
   return sessionStorage.getItem("eclip-api-key");
@@ -69,6 +74,7 @@ function card(result) {
   meta.className = "meta";
   meta.textContent = `#${result.rank} ${result.product_id} · score ${result.score.toFixed(3)}` +
     (result.category ? ` · ${result.category}` : "");
+  if (result.category) el.dataset.category = result.category;
   el.append(frame, title, meta);
   const loaded = new Promise((resolve) => {
     img.onload = () => { drawBox(canvas, result.box); resolve(); };
@@ -80,12 +86,48 @@ function card(result) {
   return [el, loaded];
 }
 
+function toggle(key, value) {
+  const values = chosen.get(key) || new Set();
+  if (values.has(value)) values.delete(value); else values.add(value);
+  if (values.size) chosen.set(key, values); else chosen.delete(key);
+  if (lastQuery) search(...lastQuery).catch((error) => { statusLine.textContent = String(error); });
+}
+
+function showFacets(facets) {
+  facetBar.replaceChildren();
+  for (const [key, counts] of Object.entries(facets || {})) {
+    const row = document.createElement("div");
+    row.className = "facet";
+    row.dataset.facet = key;
+    const name = document.createElement("span");
+    name.className = "facet-name";
+    name.textContent = key;
+    row.append(name);
+    for (const [value, count] of Object.entries(counts)) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "chip" + ((chosen.get(key) || new Set()).has(value) ? " active" : "");
+      chip.dataset.value = value;
+      chip.textContent = `${value} (${count})`;
+      chip.addEventListener("click", () => toggle(key, value));
+      row.append(chip);
+    }
+    facetBar.append(row);
+  }
+}
+
 async function search(text, file, k) {
+  lastQuery = [text, file, k];
   const body = new FormData();
   if (text) body.append("text", text);
   if (file) body.append("image", file);
   body.append("k", String(k));
   body.append("ground", "1");
+  const mode = document.getElementById("mode").value;
+  if (text) body.append("mode", mode);
+  for (const [key, values] of chosen) {
+    for (const value of values) body.append("filters", `${key}=${value}`);
+  }
   document.body.dataset.state = "searching";
   statusLine.textContent = "searching…";
   const response = await api("/search", { method: "POST", body });
@@ -97,13 +139,15 @@ async function search(text, file, k) {
     return;
   }
   grid.replaceChildren();
+  showFacets(data.facets);
   const pending = [];
   for (const result of data.results) {
     const [el, loaded] = card(result);
     grid.append(el);
     pending.push(loaded);
   }
-  statusLine.textContent = `${data.results.length} results in ${data.took_ms} ms`;
+  const filters = [...chosen].map(([key, values]) => `${key}: ${[...values].join(" or ")}`).join("; ");
+  statusLine.textContent = `${data.results.length} results in ${data.took_ms} ms` + (filters ? ` (${filters})` : "");
   await Promise.all(pending);
   document.body.dataset.state = "done";
 }
@@ -124,11 +168,20 @@ window.addEventListener("resize", () => {
   }
 });
 
-// /?q=red+shirt&k=8 runs that search on load (links, bookmarks, the screenshot test)
+// /?q=red+shirt&k=8&mode=hybrid&filter=category%3Dshirt runs that search on load (links,
+// bookmarks, the browser test); filter repeats
 const params = new URLSearchParams(window.location.search);
 if (params.get("q")) {
   document.getElementById("q").value = params.get("q");
   if (params.get("k")) document.getElementById("k").value = params.get("k");
+  if (params.get("mode")) document.getElementById("mode").value = params.get("mode");
+  for (const expression of params.getAll("filter")) {
+    const at = expression.indexOf("=");
+    if (at > 0) {
+      const key = expression.slice(0, at), value = expression.slice(at + 1);
+      chosen.set(key, (chosen.get(key) || new Set()).add(value));
+    }
+  }
   search(params.get("q"), null, Number(params.get("k")) || 12)
     .catch((error) => { statusLine.textContent = String(error); });
 }
