@@ -51,7 +51,7 @@ def load_config(folder: str | Path) -> ModelConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an eclip model folder")
     data = json.loads(path.read_text(encoding="utf-8"))
-    data.pop(VERSION_KEY, None)  # written since 0.1.0; older folders have none
+    data.pop(VERSION_KEY, None)  # folders written before the field have none
     return from_dict(ModelConfig, data)
 
 
