@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint clean browser
+.PHONY: setup demo test lint clean constraints
 
-$(BIN)/eclip: pyproject.toml
+# the exact versions of constraints.txt; pyproject.toml holds the ranges a plain pip install takes
+$(BIN)/eclip: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[all,dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(BIN)/eclip
 
 setup: $(BIN)/eclip
@@ -18,21 +19,20 @@ setup: $(BIN)/eclip
 demo: setup
 	$(BIN)/eclip demo --out runs/demo $(DEMO_ARGS)
 
-# The web page test (tests/test_serve.py) screenshots the page in Debian's headless chromium:
-# installed here once (a no-op when present). Not fatal: without root/sudo or apt the test skips
-# and says why.
-browser:
-	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
-	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
-	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "warning: could not install chromium; the web page screenshot test will be skipped"
-
-test: setup browser
+# The web page test (tests/test_serve.py) screenshots the page in a headless chromium when one
+# is on the PATH and skips, saying why, when none is (the README's Install section says how to
+# get one); nothing here installs system packages.
+test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
 
 lint: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks experiments)
+
+# after upgrading packages in .venv: record their exact versions (all of .venv is the project's)
+constraints: setup
+	{ echo "# Exact versions eclip is tested with: pip freeze of the .venv of make setup (make constraints)."; \
+	  $(BIN)/pip freeze --exclude-editable; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,7 +26,7 @@ SUBCOMMANDS = _subcommands(build_parser())
 
 def test_the_documented_subcommands_exist():
     expected = {"demo", "train", "eval", "synth", "catalog", "compose", "eval-scenes", "shard",
-                "embed", "index", "search", "serve", "export"}
+                "embed", "index", "search", "serve", "export", "push"}
     assert expected <= {words[0] for words in SUBCOMMANDS}
     assert {("catalog", "validate"), ("catalog", "from-csv")} <= set(SUBCOMMANDS)
 
@@ -69,14 +69,19 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     """The whole demo at a toy size: train both, evaluate, write the report and results."""
     out = tmp_path / "demo"
     busier = ["distractors=[2,4]", "product_scale=[0.3,0.5]"]  # ShopSynth overrides reach the generator
-    assert main(["-q", "demo", "--out", str(out), "--products", "40", "--steps", "4", "--no-progress",
+    assert main(["-q", "demo", "--out", str(out), "--products", "40", "--steps", "4", "--no-progress", "--device", "cpu",
                  *[f"--synth={s}" for s in busier]]) == 0
     results = json.loads((out / "results.json").read_text())
     for name in ("eclip", "clip"):
         for key in ("classification_top1", "text_to_product_r10", "same_product_map_r", "grounding_acc50",
                     "linear_probe_category_top1"):
             assert 0.0 <= results[name][key] <= 1.0
-    assert results["meta"]["peak_memory_gib"] < 4
+    assert 0 < results["meta"]["peak_memory_gib"] < 4 and results["meta"]["device"] == "cpu"
+    # each model folder carries its evaluation and a card with the table and the training run
+    model_dir = out / "eclip" / "model"
+    assert json.loads((model_dir / "eval_results.json").read_text()) == results["eclip"]
+    card = (model_dir / "README.md").read_text()
+    assert f"| same_product_map_r | {results['eclip']['same_product_map_r']:.3f} |" in card and "4 steps of" in card
     assert results["meta"]["synth"] == busier
     synth_config = json.loads((out / "data" / "shopsynth.json").read_text())
     assert synth_config["distractors"] == [2, 4] and synth_config["product_scale"] == [0.3, 0.5]

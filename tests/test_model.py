@@ -374,7 +374,7 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded.encode_text(["a red tee"]), model.encode_text(["a red tee"]))
     # overwriting is atomic: the folder holds one complete model afterwards
     eclip.save_model(model, tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_models_saved_with_scalar_logit_scales_still_load(tmp_path):

@@ -475,7 +475,7 @@ def test_searcher_text_image_and_grounding(model_dir, index_dir, synth_catalog):
     grounded = searcher.ground(photo, record["title"])
     x0, y0, x1, y1 = grounded.box_pixels
     assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
-    assert grounded.heatmap.shape == (32, 32)
+    assert grounded.heatmap.shape == (photo.height, photo.width)  # at the photo's own resolution
 
 
 def test_searcher_tiles(model_dir, index_dir, synth_catalog):

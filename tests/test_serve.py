@@ -388,7 +388,7 @@ def test_web_page_screenshot_in_headless_chromium(service, tmp_path):
     hold only results that meet the filter and the chips with their counts, the chosen one active."""
     browser = _chromium()
     if browser is None:
-        pytest.skip("chromium not found: `make test` installs Debian's chromium package (apt-get install chromium)")
+        pytest.skip("chromium not found on the PATH: install it to run this test (README, Install: apt-get install chromium)")
     shot = tmp_path / "page.png"
     with ServerThread(create_app(service, ServeSettings())) as server:
         command = [

@@ -1,11 +1,10 @@
 """eclip: instance-level multi-modal pretraining for e-commerce (ECLIP, CVPR 2023).
 
     import eclip
-    model = eclip.create_model("tiny")                # or eclip.load_model("runs/x/model")
-    enc = model.encode_image(images)                  # global, instances, productness, attention
-    txt = model.encode_text(["red striped tee"])
-    vec = model.product_embedding(images)             # one vector per image, no text needed
-    g = model.ground(images, ["red striped tee"] * len(images))   # heat maps and boxes
+    model = eclip.load_model("runs/demo/eclip/model")  # or "hf-hub:org/name", eclip.create_model("tiny")
+    vecs = model.encode_images(["a.jpg", "b.jpg"])     # (2, D) numpy: one product vector per photo
+    txt = model.encode_texts(["red striped tee"])      # (1, D) numpy
+    g = model.ground("a.jpg", "red striped tee")       # g.box_pixels, g.heatmap
 """
 
 from .config import (
@@ -15,31 +14,38 @@ from .config import (
     TextConfig,
     VisionConfig,
 )
+from .devices import resolve_device
 from .io import load_model, save_model
 from .losses import ECLIPLoss
 from .model import ECLIP, Grounding, HashTokenizer, ImageEncoding
+from .model.inference import GroundResult
 from .presets import model_preset, objective_preset
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def create_model(
-    preset: str = "tiny", objective: str = "eclip", overrides: list[str] | None = None, pretrained: bool = True
+    preset: str = "tiny",
+    objective: str = "eclip",
+    overrides: list[str] | None = None,
+    pretrained: bool = True,
+    device: str | None = "cpu",
 ) -> ECLIP:
-    """A freshly initialised model from a named preset, with `"a.b=value"` overrides; its towers
-    load their pretrained weights unless `pretrained=False` (the architecture only)."""
+    """A freshly initialised model from a named preset, with `"a.b=value"` overrides, on
+    `device` (None: CUDA when present, else the CPU); its towers load their pretrained weights
+    unless `pretrained=False` (the architecture only)."""
     from .config import override
 
     config = model_preset(preset, objective)
     if overrides:
         config = override(config, overrides)
-    return ECLIP(config, pretrained=pretrained)
+    return ECLIP(config, pretrained=pretrained).to(resolve_device(device))
 
 
 __all__ = [
     "ECLIP",
     "DecoderConfig",
     "ECLIPLoss",
+    "GroundResult",
     "Grounding",
     "HashTokenizer",
     "ImageEncoding",
@@ -47,6 +53,7 @@ __all__ = [
     "ModelConfig",
     "TextConfig",
     "VisionConfig",
+    "__version__",
     "create_model",
     "load_model",
     "model_preset",

@@ -112,11 +112,11 @@ def encoded_batches(
     model: ECLIP, store: ImageStore, slots: list[tuple[int, int]], batch_size: int, desc: str, progress: bool
 ) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor, ImageEncoding]]:
     """(slots, normalised images, encoding) per batch: each image through the image tower once,
-    every metric read from the same encoding. The images go to the model's device."""
-    device = next(model.parameters()).device
+    every metric read from the same encoding. The images stay on the CPU; the model moves them
+    to its device, and the encoding is there."""
     for start in tqdm(range(0, len(slots), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         chunk = slots[start : start + batch_size]
-        images = normalize(torch.stack([store.get(p, i) for p, i in chunk])).to(device)
+        images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
         yield chunk, images, model.encode_image(images)
 
 
@@ -232,12 +232,13 @@ def evaluate(
     product_embeddings, title_scores, label_scores = [], [], []
     ious, points = [], []
     for chunk, images, encoding in encoded_batches(model, store, slots, batch_size, "evaluating", progress):
-        product_embeddings.append(model.product_embedding_from(encoding, readout))
-        title_scores.append(model.image_text_scores(encoding, titles, readout))
+        # results come back to the CPU batch by batch (the metrics are numpy)
+        product_embeddings.append(model.product_embedding_from(encoding, readout).float().cpu())
+        title_scores.append(model.image_text_scores(encoding, titles, readout).float().cpu())
         if labels is not None:
-            label_scores.append(model.image_text_scores(encoding, labels, readout))
+            label_scores.append(model.image_text_scores(encoding, labels, readout).float().cpu())
         for name, embeddings in attribute_labels.items():
-            attribute_scores[name].append(model.image_text_scores(encoding, embeddings, readout))
+            attribute_scores[name].append(model.image_text_scores(encoding, embeddings, readout).float().cpu())
         own = titles[torch.tensor([p for p, _ in chunk])]
         boxes = [products[p].images[i].box for p, i in chunk]
         chunk_ious, chunk_points = ground_encoded(model, encoding, tuple(images.shape[-2:]), own, boxes, grounding_map)

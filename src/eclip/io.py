@@ -1,5 +1,7 @@
-"""Save and load a model with its config: `config.json` + `model.safetensors` in a folder.
-Nothing here unpickles; every write lands atomically (a temporary folder, then a rename)."""
+"""Save and load a model with its config: `config.json` (with the eclip version that wrote it)
++ `model.safetensors` + a model card (`README.md`) in a folder, the layout of a Hugging Face
+Hub model repository. Nothing here unpickles; every write lands atomically (a temporary folder,
+then a rename)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_folder, atomic_write_text, recover_folder, replace_folder  # noqa: F401 (the io API)
 from .config import ModelConfig, from_dict, to_dict
+from .devices import resolve_device
+from .hub import EVAL_NAME, resolve_model_folder, write_model_card
 from .model.eclip import ECLIP
+from .version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+VERSION_KEY = "eclip_version"  # in config.json beside the ModelConfig fields; absent in older folders
 
 
 def write_model_files(model: ECLIP, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -23,13 +29,20 @@ def write_model_files(model: ECLIP, folder: Path, state: dict[str, torch.Tensor]
     state = model.state_dict() if state is None else state
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "library": "eclip"})
-    (folder / CONFIG_NAME).write_text(json.dumps(to_dict(model.config), indent=2), encoding="utf-8")
+    config = {VERSION_KEY: __version__, **to_dict(model.config)}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def save_model(model: ECLIP, folder: str | Path) -> Path:
+def save_model(model: ECLIP, folder: str | Path, evaluation: dict | None = None) -> Path:
+    """The model folder: config, weights and the model card (`eclip.hub.model_card`), with
+    `evaluation` (metrics, as `eclip eval --json` prints them) as eval_results.json when given."""
     folder = Path(folder)
     with atomic_folder(folder) as tmp:
         write_model_files(model, tmp)
+        if evaluation is not None:
+            (tmp / EVAL_NAME).write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
+        # tmp sits beside `folder`: the card finds the same training run (../train_config.json)
+        write_model_card(tmp, title=folder.name)
     return folder
 
 
@@ -38,13 +51,20 @@ def load_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an eclip model folder")
-    return from_dict(ModelConfig, json.loads(path.read_text(encoding="utf-8")))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop(VERSION_KEY, None)  # folders written before the field have none
+    return from_dict(ModelConfig, data)
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ECLIP:
-    """Rebuild the model from its config and load the weights (strictly: no silent gaps). The
-    towers are built without their pretrained weights: nothing is downloaded, and every weight
-    comes from model.safetensors."""
+def load_model(
+    name_or_path: str | Path, device: str | torch.device | None = None, cache_dir: str | Path | None = None
+) -> ECLIP:
+    """A saved model, in eval mode on `device` (None: CUDA when present, else the CPU), from a
+    folder or `hf-hub:org/name` (huggingface_hub's cache; with HF_HUB_OFFLINE=1 only from it).
+    The config rebuilds the towers without their pretrained weights: every weight comes from
+    model.safetensors, loaded strictly (no silent gaps)."""
+    folder = resolve_model_folder(name_or_path, cache_dir)
+    device = resolve_device(device)
     model = ECLIP(load_config(folder), pretrained=False)
     weights = load_file(str(Path(folder) / WEIGHTS_NAME), device=str(device))
     try:

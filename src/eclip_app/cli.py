@@ -11,7 +11,8 @@ import sys
 def _demo(args) -> int:
     from .demo import DEMO_PRESET, run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress, synth=args.synth, preset=args.preset or DEMO_PRESET)
+    run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress,
+             synth=args.synth, preset=args.preset or DEMO_PRESET, device=args.device)
     return 0
 
 
@@ -53,6 +54,8 @@ def _train(args) -> int:
     for name in ("val_catalog", "val_scene_catalog", "val_every", "report_to"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    if args.device:
+        config.device = args.device
     if not config.catalog and not config.shards:
         print("eclip train: no training data (give --catalog or --shards, or set catalog or shards in the config)", file=sys.stderr)
         return 2
@@ -83,6 +86,7 @@ def _train(args) -> int:
 
 def _cache_features(args) -> int:
     from eclip.data import load_catalog
+    from eclip.devices import resolve_device
 
     from .feature_cache import FeatureCacheError, build_cache_for_config
     from .train import load_train_config
@@ -97,7 +101,7 @@ def _cache_features(args) -> int:
         config.feature_cache_dtype = args.dtype
     products, _ = load_catalog(args.catalog)
     try:
-        cache = build_cache_for_config(config, products, args.out, args.device)
+        cache = build_cache_for_config(config, products, args.out, str(resolve_device(args.device)))
     except FeatureCacheError as error:
         print(f"eclip cache-features: {error}", file=sys.stderr)
         return 2
@@ -106,6 +110,10 @@ def _cache_features(args) -> int:
     print(f"feature cache in {args.out}: {done} rows computed, complete "
           f"(train with --set feature_cache=true --set feature_cache_dir={args.out} and the same settings)")
     return 0
+
+
+def _device_option(parser, default: str | None = "auto") -> None:
+    parser.add_argument("--device", default=default, help="where the model runs: cpu, cuda, cuda:1, ... (auto: CUDA when present, else the CPU)")
 
 
 def _read_options(parser) -> None:
@@ -122,7 +130,7 @@ def _eval(args) -> int:
 
     from .report import comparison_table
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     products, _ = load_catalog(args.catalog)
     results = evaluate(model, products, batch_size=args.batch_size, progress=not args.no_progress and not args.json,
                        readout=args.readout, grounding_map=args.grounding_map)
@@ -312,7 +320,7 @@ def _eval_scenes(args) -> int:
     from eclip.io import load_model
     from eclip.scene_eval import evaluate_scenes, scene_table
 
-    model = load_model(args.model)
+    model = load_model(args.model, device=args.device)
     scenes, _ = load_catalog(args.scenes)
     catalog, _ = load_catalog(args.catalog)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
@@ -371,7 +379,7 @@ def _serve(args) -> int:
     api_key = args.api_key or os.environ.get("ECLIP_API_KEY") or None
     try:
         service = SearchService.load(args.model, args.index, onnx_folder=args.onnx, image_roots=args.image_root or None,
-                                     threads=args.threads)
+                                     threads=args.threads, device=None if args.onnx else args.device)
     except (IndexFolderError, FileNotFoundError, ValueError) as error:
         print(f"eclip serve: {error}", file=sys.stderr)
         return 1
@@ -389,7 +397,8 @@ def _serve(args) -> int:
               f"looked under {where}): /image answers 404 for them and their results get no box. "
               "Give --image-root FOLDER, or re-run `eclip embed` and `eclip index`.", file=sys.stderr)
     auth = "API key required" if api_key else "no API key"
-    print(f"serving {len(service.index)} products on http://{args.host}:{args.port} ({service.backend} encoder, {auth})")
+    where = "" if args.onnx else f" on {service.model.device}"
+    print(f"serving {len(service.index)} products on http://{args.host}:{args.port} ({service.backend} encoder{where}, {auth})")
     serve(service, settings, host=args.host, port=args.port)
     return 0
 
@@ -403,7 +412,7 @@ def _export(args) -> int:
         print("eclip export: choose a format (--onnx)", file=sys.stderr)
         return 2
     try:
-        report = export_onnx(load_model(args.model), args.out, tolerance=args.tolerance)
+        report = export_onnx(load_model(args.model, device="cpu"), args.out, tolerance=args.tolerance)
     except ParityError as error:
         report = error.report
     for name, diff in report.max_abs_diff.items():
@@ -417,8 +426,23 @@ def _export(args) -> int:
     return 0
 
 
+def _push(args) -> int:
+    from eclip.hub import HubError, push_folder
+
+    try:
+        url = push_folder(args.model_dir, args.repo_id, token=args.token, private=args.private, commit_message=args.message)
+    except (HubError, FileNotFoundError) as error:
+        print(f"eclip push: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed {args.model_dir} (with its model card, README.md) to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from eclip.version import __version__
+
     parser = argparse.ArgumentParser(prog="eclip", description="Instance-level multi-modal pretraining for e-commerce (ECLIP).")
+    parser.add_argument("--version", action="version", version=f"eclip {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -434,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--synth", action="append", default=[], metavar="FIELD=VALUE",
         help="ShopSynthConfig override, repeatable, e.g. --synth 'product_scale=[0.3,0.5]'",
     )
+    _device_option(demo)
     demo.set_defaults(func=_demo)
 
     tr = sub.add_parser("train", help="train on a catalog (JSON Lines)", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -449,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-every", type=int, help="evaluate every N steps and after the last (default 0: after the last only)")
     tr.add_argument("--report-to", action="append", choices=["wandb"], help="also log to Weights & Biases (needs wandb)")
     tr.add_argument("--no-progress", action="store_true")
+    _device_option(tr, default=None)  # None: the config's device (auto unless set)
     tr.set_defaults(func=_train)
 
     cf = sub.add_parser("cache-features", help="compute the frozen tower prefixes of a training run once (feature_cache_dir)")
@@ -458,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the training run's overrides, as for eclip train")
     cf.add_argument("--dtype", choices=["fp16", "fp32"], help="storage (default: the config's feature_cache_dtype)")
     cf.add_argument("--batch-size", type=int, default=64)
-    cf.add_argument("--device", default="cpu")
+    _device_option(cf)
     cf.add_argument("--no-progress", action="store_true")
     cf.set_defaults(func=_cache_features)
 
@@ -467,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--catalog", required=True, help="held-out catalog (JSON Lines)")
     ev.add_argument("--batch-size", type=int, default=128)
     _read_options(ev)
+    _device_option(ev)
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_eval)
@@ -548,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--hint-weight", type=_probability, default=0.25, help="weight of the category hint in the hinted query (0..1)")
     es.add_argument("--json", action="store_true", help="print every metric, grouped ones included, as JSON")
     _read_options(es)
+    _device_option(es)
     es.add_argument("--no-progress", action="store_true")
     es.set_defaults(func=_eval_scenes)
 
@@ -583,7 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--allowed-hosts", default=None,
                     help="comma-separated Host names answered ('*' any, '*.example.com' subdomains); default: "
                          "localhost,127.0.0.1,::1 when bound to loopback, any otherwise")
+    _device_option(se)
     se.set_defaults(func=_serve)
+
+    pu = sub.add_parser("push", help="upload a model folder with its model card to the Hugging Face Hub",
+                        description="Writes the model card (README.md: towers, training, evaluation, licence) into the folder "
+                                    "and uploads config.json, model.safetensors, README.md and eval_results.json to the "
+                                    "hub model repository, created if missing. Needs a login (`huggingface-cli login`) or --token.")
+    pu.add_argument("model_dir", help="model folder (config.json + model.safetensors)")
+    pu.add_argument("repo_id", help="hub repository, org/name")
+    pu.add_argument("--token", default=None, help="hub token (default: the login's; prefer HF_TOKEN, a flag shows in `ps`)")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--message", default="Upload eclip model", help="commit message")
+    pu.set_defaults(func=_push)
 
     ex = sub.add_parser("export", help="export the image and text encoders (ONNX), checked against PyTorch")
     ex.add_argument("--model", required=True, help="model folder")

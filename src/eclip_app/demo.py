@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ import torch
 from eclip.config import override
 from eclip.data import ImageStore, ShopSynthConfig, generate, load_catalog
 from eclip.evaluation import evaluate
+from eclip.hub import EVAL_NAME, write_model_card
 from eclip.io import atomic_write_text
 
 from .report import comparison_table, grounding_grid, plot_losses
@@ -40,8 +41,14 @@ SIZES = {
 }
 
 
-def peak_memory_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+def peak_memory_gib() -> float | None:
+    """The process's peak resident memory; None where the platform does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 def run_demo(
@@ -53,10 +60,12 @@ def run_demo(
     progress: bool = True,
     synth: list[str] | None = None,
     preset: str = DEMO_PRESET,
+    device: str = "auto",
 ) -> dict:
     """`synth`: ShopSynthConfig overrides ("product_scale=[0.3,0.5]"), for a harder or easier
     catalog than the default; `preset`: the model preset both arms start from. The report
-    records both."""
+    records both. `device`: where both arms train and are evaluated ("auto": CUDA when
+    present)."""
     out = Path(out_dir)
     default_size = SIZES["quick" if quick else "full"]
     steps = steps or default_size.steps
@@ -75,7 +84,7 @@ def run_demo(
     for objective in ("eclip", "clip"):
         config = make_train_config(
             preset, objective, catalog=str(paths["train"]), out_dir=str(out / objective),
-            steps=steps, warmup_steps=size.warmup, seed=seed, checkpoint_every=max(steps // 2, 1),
+            steps=steps, warmup_steps=size.warmup, seed=seed, checkpoint_every=max(steps // 2, 1), device=device,
         )
         store = store or ImageStore(train_products, config.model.vision.image_size)
         result = train(config, progress=progress, store=store)
@@ -84,15 +93,21 @@ def run_demo(
         results[objective] = evaluate(result.model, heldout, progress=progress)
         results[objective]["train_seconds"] = round(result.seconds, 1)
         results[objective]["final_loss"] = result.history[-1]["loss_total"]
+        # beside the weights: the model card's evaluation table (eclip.hub)
+        atomic_write_text(result.out_dir / "model" / EVAL_NAME, json.dumps(results[objective], indent=2))
+        write_model_card(result.out_dir / "model")
 
     table = comparison_table(results)
     plot_losses(histories, out / "loss_curves.png")
     grounding_grid(runs, heldout, out / "grounding.png")
+    peak = peak_memory_gib()
     meta = {
         "quick": quick, "seed": seed, "steps": steps, "products": size.products, "synth": list(synth or []), "preset": preset,
         "heldout_products": len(heldout), "seconds": round(time.time() - begin, 1),
-        "peak_memory_gib": round(peak_memory_gib(), 2), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "peak_memory_gib": None if peak is None else round(peak, 2), "device": str(runs["eclip"].device),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
     }
+    memory = "unknown" if peak is None else f"{meta['peak_memory_gib']} GiB"
     atomic_write_text(out / "results.json", json.dumps({**results, "meta": meta}, indent=2))
     eclip_readout = runs["eclip"].config.readout
     synth_note = f", ShopSynth overrides {' '.join(synth)}" if synth else ""
@@ -116,9 +131,9 @@ and boxes all of it.
 
 ![grounding](grounding.png)
 
-Green: true box. Red: predicted box. Ran in {meta['seconds']} s, peak memory {meta['peak_memory_gib']} GiB.
+Green: true box. Red: predicted box. Ran in {meta['seconds']} s on {meta['device']}, peak memory {memory}.
 """
     atomic_write_text(out / "report.md", report)
     print(table)
-    print(f"\nreport: {out / 'report.md'}  ({meta['seconds']} s, peak memory {meta['peak_memory_gib']} GiB)")
+    print(f"\nreport: {out / 'report.md'}  ({meta['seconds']} s on {meta['device']}, peak memory {memory})")
     return {**results, "meta": meta}

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from eclip.devices import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -32,11 +34,11 @@ class DistEnv:
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    """`resolve_device`, with a bare "cuda" meaning this rank's GPU."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    return device
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:

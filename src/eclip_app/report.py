@@ -82,7 +82,7 @@ def grounding_grid(models: dict[str, ECLIP], products: list[Product], path: Path
             picture = images[row].permute(1, 2, 0).numpy() * 0.5 + 0.5
             if col == 1:
                 _show(axes[row][0], picture, products[p].images[i].box, None, products[p].title)
-            _show(axes[row][col], picture, products[p].images[i].box, result.boxes[row], name, result.heatmaps[row].numpy())
+            _show(axes[row][col], picture, products[p].images[i].box, result.boxes[row], name, result.heatmaps[row].cpu().numpy())
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

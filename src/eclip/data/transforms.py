@@ -3,6 +3,7 @@ fractions of the width and height keeps its meaning."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,37 @@ def to_uint8_tensor(image: Image.Image, size: int) -> torch.Tensor:
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float, the model's input."""
     return (images.float() / 255.0 - MEAN) / STD
+
+
+def as_pil(image: object) -> Image.Image:
+    """A photo as an RGB PIL image: a PIL image, a path, or a numpy array (H, W) / (H, W, 3|4) of
+    uint8, or of floats in [0, 1]. TypeError naming what was given for anything else."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        return load_rgb(os.fspath(image))
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), not {image.shape}")
+        if np.issubdtype(image.dtype, np.floating):
+            image = (np.clip(image, 0.0, 1.0) * 255.0).round()
+        elif image.dtype != np.uint8:
+            raise ValueError(f"an image array must be uint8 or floats in [0, 1], not {image.dtype}")
+        return Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).convert("RGB")
+    raise TypeError(f"an image must be a PIL image, a file path or a numpy array, not {type(image).__name__}")
+
+
+def preprocess(image: object, size: int) -> torch.Tensor:
+    """The evaluation transform: a photo (`as_pil`) or a (3, H, W) uint8 tensor -> the model's
+    input, (3, size, size) float, squashed to the square and normalised."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+            raise ValueError(
+                f"an image tensor must be (3, H, W) uint8, not {tuple(image.shape)} {image.dtype} "
+                "(a float (B, 3, S, S) batch is taken as already preprocessed)"
+            )
+        image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    return normalize(to_uint8_tensor(as_pil(image), size))
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,15 @@ grounding are `Inference`'s, shared with the ONNX runtime."""
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import INSTANCE_FEATURES, ModelConfig
+from ..devices import resolve_device
 from .decoder import InstanceDecoder
 from .inference import Grounding, ImageEncoding, Inference, select_instances
 from .towers import build_text_tower, build_vision_tower
@@ -94,12 +97,47 @@ class ECLIP(nn.Module, Inference):
     def image_size(self) -> int:
         return self.vision.image_size
 
+    @property
+    def device(self) -> torch.device:
+        return self.image_head.weight.device
+
+    def _prepare(self, device: str | torch.device | None) -> None:
+        self.eval()
+        if device is not None:
+            self.to(resolve_device(device))
+
+    # ------------------------------------------------------------------ the hub
+
+    def save_pretrained(self, folder: str | Path, evaluation: dict | None = None) -> Path:
+        """config.json, model.safetensors and a model card in `folder` (`eclip.io.save_model`)."""
+        from ..io import save_model
+
+        return save_model(self, folder, evaluation)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device: str | torch.device | None = None) -> ECLIP:
+        """A folder or `hf-hub:org/name` (`eclip.io.load_model`)."""
+        from ..io import load_model
+
+        return load_model(name_or_path, device)
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = False,
+                    evaluation: dict | None = None) -> str:
+        """Save to a temporary folder and upload it to the hub repository `repo_id`; the
+        commit's URL (`eclip.hub.push_folder`)."""
+        from ..hub import push_folder
+
+        with tempfile.TemporaryDirectory(prefix="eclip-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", evaluation)
+            return push_folder(folder, repo_id, token=token, private=private)
+
     # ------------------------------------------------------------------ encoders
 
     def encode_image(self, images: torch.Tensor, frozen_layers: int = 0) -> ImageEncoding:
         """images (B, 3, S, S), normalised as `eclip.data.transforms` does; or, with
         `frozen_layers` k > 0, the vision tower's `forward_frozen(images, k)` computed earlier
-        (a feature cache of a frozen prefix)."""
+        (a feature cache of a frozen prefix). Moved to the model's device."""
+        images = images.to(self.device)
         features = self.vision.forward_features_from(images, frozen_layers)
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
         instances = productness = attention = None
@@ -129,12 +167,8 @@ class ECLIP(nn.Module, Inference):
     def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor], frozen_layers: int = 0) -> torch.Tensor:
         """Titles or queries -> (T, D), L2-normalised. Given as (ids, mask) with
         `frozen_layers` k > 0, the ids are the text tower's `forward_frozen(ids, mask, k)`."""
-        if isinstance(texts, (list, str)):
-            ids, mask = self.tokenizer(texts)
-            device = self.text_head.weight.device
-            ids, mask = ids.to(device), mask.to(device)
-        else:
-            ids, mask = texts
+        ids, mask = self.tokenizer(texts) if isinstance(texts, (list, str)) else texts
+        ids, mask = ids.to(self.device), mask.to(self.device)
         return F.normalize(self.text_head(self.text.forward_features_from(ids, mask, frozen_layers)), dim=-1)
 
     def forward(

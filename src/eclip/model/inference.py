@@ -6,17 +6,24 @@ backend (`ECLIP` in PyTorch, the ONNX runtime's `OnnxEncoder`) provides three pr
 `encode_image`, `encode_text` and `projected_tokens`, and a `config`. How a decoder model is
 read (`readout`) and which map it grounds with (`grounding_map`) are call arguments that
 default to the config's; each is checked against its allowed values.
+
+On top of them, the calls for photos and strings: `preprocess`, `encode_images`, `encode_texts`
+(batched, under `torch.inference_mode`, numpy out) and `ground(image, text)` on a raw photo.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..data.transforms import as_pil, preprocess
 from .grounding import box_by_rule, upsample_heatmap
 
 
@@ -50,6 +57,30 @@ class Grounding:
     boxes: list[tuple[float, float, float, float]]  # (x0, y0, x1, y1) as fractions
     # (B,) the selected query; None when the map is not a query's (the baseline, "similarity")
     query_index: torch.Tensor | None
+
+
+@dataclass
+class GroundResult:
+    """Where one product is in one photo, in that photo's own pixels."""
+
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width and height
+    box_pixels: tuple[int, int, int, int]  # the same box in pixels of the image given
+    heatmap: np.ndarray  # (H, W) in [0, 1] at the image's resolution
+    query_index: int | None  # the decoder query selected by the text; None for the baseline
+
+    def to_dict(self, heatmap: bool = False) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "heatmap"}
+        out["box"], out["box_pixels"] = list(self.box), list(self.box_pixels)
+        if heatmap:
+            out["heatmap"] = self.heatmap.tolist()
+        return out
+
+
+def _raw_image(image: object) -> Image.Image:
+    """A photo given as a PIL image, path, array or (3, H, W) uint8 tensor, as a PIL image."""
+    if isinstance(image, torch.Tensor) and image.dim() == 3 and image.dtype == torch.uint8:
+        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    return as_pil(image)
 
 
 def select_instances(
@@ -87,6 +118,16 @@ class Inference:
 
     config: ModelConfig
     image_size: int  # the square input resolution `encode_image` expects (preprocessing resizes to it)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backend computes; inputs are moved here, results come back to the CPU."""
+        return torch.device("cpu")
+
+    def _prepare(self, device: str | torch.device | None) -> None:
+        """Before the photo and string calls: eval mode, and `device` if one is asked for."""
+        if device is not None and torch.device(device) != self.device:
+            raise ValueError(f"{type(self).__name__} runs on {self.device}, not {device}")
 
     # ------------------------------------------------------------------ primitives
 
@@ -182,13 +223,113 @@ class Inference:
         it is (`ModelConfig.box_rule`; `grounding_map` defaults to the config's)."""
         return box_by_rule(heatmap, self.config.box_rule(grounding_map))
 
-    @torch.no_grad()
-    def ground(self, images: torch.Tensor, texts: list[str] | torch.Tensor, grounding_map: str | None = None) -> Grounding:
-        """Where in image i is the product that text i describes: heat maps at the images'
-        resolution and boxes as fractions of it. `texts`: strings, or embeddings (B, D)."""
+    @torch.inference_mode()
+    def ground(
+        self, images: object, texts: str | list[str] | torch.Tensor, grounding_map: str | None = None
+    ) -> Grounding | GroundResult:
+        """Where the product a text describes is in a photo.
+
+        `ground(photo, "red tee")`: one photo (PIL image, path, array, (3, H, W) uint8 tensor)
+        and one text -> `GroundResult`, the box in the photo's pixels and the heat map at its
+        resolution (both boxed on the model's input square, as in evaluation).
+
+        `ground(images, texts)`: a preprocessed batch (B, 3, S, S) and a text per image (strings
+        or embeddings (B, D)) -> `Grounding`, heat maps at S x S and boxes as fractions."""
+        if not (isinstance(images, torch.Tensor) and images.dim() == 4):
+            if not isinstance(texts, str):
+                raise TypeError(f"ground(photo, text) takes one text as a str, not {type(texts).__name__}")
+            return self._ground_photo(_raw_image(images), texts, grounding_map)
         encoding = self.encode_image(images)
         text_emb = self.encode_text(texts) if isinstance(texts, list) else texts
         maps, index = self.heatmaps_from(encoding, text_emb, grounding_map)
-        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1]))
-        boxes = [self.box_from_heatmap(h.float().cpu().numpy(), grounding_map) for h in heatmaps]
-        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=index)
+        heatmaps = upsample_heatmap(maps, (images.shape[-2], images.shape[-1])).cpu()
+        boxes = [self.box_from_heatmap(h.float().numpy(), grounding_map) for h in heatmaps]
+        return Grounding(heatmaps=heatmaps, boxes=boxes, query_index=None if index is None else index.cpu())
+
+    def _ground_photo(self, photo: Image.Image, text: str, grounding_map: str | None) -> GroundResult:
+        self._prepare(None)
+        size = self.image_size
+        encoding = self.encode_image(preprocess(photo, size)[None])
+        maps, index = self.heatmaps_from(encoding, self.encode_text([text]), grounding_map)
+        square = upsample_heatmap(maps, (size, size))[0].float().cpu().numpy()
+        box = tuple(float(v) for v in self.box_from_heatmap(square, grounding_map))
+        w, h = photo.size
+        pixels = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+        heatmap = upsample_heatmap(maps, (h, w))[0].float().cpu().numpy()
+        return GroundResult(box, pixels, heatmap, None if index is None else int(index[0]))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ photos and strings
+
+    def preprocess(self, image: object) -> torch.Tensor:
+        """The evaluation transform: a photo (PIL image, path, array) -> (3, S, S) input."""
+        return preprocess(image, self.image_size)
+
+    def _image_batch(self, images: list) -> torch.Tensor:
+        """(B, 3, S, S) inputs: photos preprocessed, float (3, S, S) tensors taken as they are."""
+        size = self.image_size
+        rows = []
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor) and image.is_floating_point():
+                if tuple(image.shape) != (3, size, size):
+                    raise ValueError(f"images[{i}]: a float tensor is a preprocessed input (3, {size}, {size}), "
+                                     f"not {tuple(image.shape)}; pass uint8 or a PIL image to resize")
+                rows.append(image.cpu())
+            else:
+                try:
+                    rows.append(preprocess(image, size))
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"images[{i}]: {error}") from error
+        return torch.stack(rows)
+
+    @torch.inference_mode()
+    def encode_images(
+        self,
+        images: object,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        convert_to_numpy: bool = True,
+        readout: str | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """The product embedding (`readout`, default the config's) of each photo: a list of PIL
+        images, paths, arrays or tensors, or a (B, 3, S, S) batch -> (N, D); one photo -> (D,).
+        numpy float32, or a CPU tensor with `convert_to_numpy=False`. `device` moves the model."""
+        self._prepare(device)
+        single = not isinstance(images, (list, tuple)) and not (
+            isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4
+        )
+        items = [images] if single else list(images)
+        out = []
+        for start in tqdm(range(0, len(items), batch_size), desc="images", unit="batch", disable=not progress):
+            batch = self._image_batch(items[start : start + batch_size])
+            out.append(self.product_embedding_from(self.encode_image(batch), readout).float().cpu())
+        result = torch.cat(out) if out else torch.zeros(0, self.config.embed_dim)
+        result = result[0] if single else result
+        return result.numpy() if convert_to_numpy else result
+
+    @torch.inference_mode()
+    def encode_texts(
+        self,
+        texts: str | Sequence[str],
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+        progress: bool = False,
+        convert_to_numpy: bool = True,
+    ) -> np.ndarray | torch.Tensor:
+        """Titles or queries -> (T, D) unit vectors; one string -> (D,). numpy float32, or a
+        CPU tensor with `convert_to_numpy=False`. `device` moves the model."""
+        self._prepare(device)
+        single = isinstance(texts, str)
+        if not single and not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a str or a list of str, not {type(texts).__name__}")
+        items = [texts] if single else list(texts)
+        for i, text in enumerate(items):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is a {type(text).__name__}, not a str")
+        out = [
+            self.encode_text(items[start : start + batch_size]).float().cpu()
+            for start in tqdm(range(0, len(items), batch_size), desc="texts", unit="batch", disable=not progress)
+        ]
+        result = torch.cat(out) if out else torch.zeros(0, self.config.embed_dim)
+        result = result[0] if single else result
+        return result.numpy() if convert_to_numpy else result

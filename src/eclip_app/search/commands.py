@@ -76,7 +76,7 @@ def _search(args) -> int:
         except (OSError, ValueError) as error:
             return _fail("search", ValueError(f"cannot read the query image {args.image}: {error}"), 2)
     try:
-        searcher = Searcher.load(args.model, args.index)
+        searcher = Searcher.load(args.model, args.index, device=args.device)
     except (IndexFolderError, FileNotFoundError, ValueError) as error:
         return _fail("search", error)
     filters = args.filter or None
@@ -140,7 +140,7 @@ def add_search_commands(sub) -> None:
     em.add_argument("--out", required=True, help="embeddings folder (manifest.json, images/, products/)")
     em.add_argument("--part-size", type=int, default=512, help="images (and products) per Parquet part: the unit of resumption")
     em.add_argument("--batch-size", type=int, default=64)
-    em.add_argument("--device", default="cpu")
+    em.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, ... (auto: CUDA when present; an ONNX export: the CPU)")
     em.add_argument("--max-parts", type=int, default=None, help="stop after writing this many parts (rerun to continue)")
     em.add_argument("--no-progress", action="store_true")
     em.set_defaults(func=_embed)
@@ -175,5 +175,6 @@ def add_search_commands(sub) -> None:
                          "or both fused by reciprocal rank (hybrid); lexical and hybrid need --text")
     se.add_argument("--facets", action="store_true", help="also print products per facet value under the filters")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table (with --facets: {results, facets})")
+    se.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, ... (auto: CUDA when present, else the CPU)")
     se.set_defaults(func=_search)
 

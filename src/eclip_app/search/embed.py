@@ -36,6 +36,7 @@ import torch
 
 from eclip.data.catalog import Product, load_catalog
 from eclip.data.transforms import load_rgb, normalize, to_uint8_tensor
+from eclip.devices import resolve_device
 from eclip.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write_text, load_model
 from eclip.model.eclip import ECLIP
 
@@ -95,16 +96,17 @@ def model_fingerprint(folder: str | Path) -> str:
     return hashlib.sha256("".join(file_sha256(folder / name) for name in files).encode()).hexdigest()
 
 
-def load_encoder(folder: str | Path, device: str = "cpu"):
-    """The model in `folder` (PyTorch), or its ONNX export on onnxruntime: both answer
-    encode_image / product_embedding_from / encode_text, which is all embedding needs."""
+def load_encoder(folder: str | Path, device: str = "auto"):
+    """The model in `folder` (PyTorch, on `device`; auto: CUDA when present), or its ONNX export
+    on onnxruntime (the CPU): both answer encode_image / product_embedding_from / encode_text,
+    which is all embedding needs."""
     if is_onnx_export(folder):
         from .export import OnnxEncoder
 
-        if device != "cpu":
+        if device not in ("cpu", "auto"):
             raise EmbedError(f"{folder} is an ONNX export: it runs on the CPU (onnxruntime), not {device}")
         return OnnxEncoder.load(folder)
-    return load_model(folder, device=device)
+    return load_model(folder, device=resolve_device(device))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -159,7 +161,7 @@ def _product_schema(dim: int) -> pa.Schema:
 
 
 @torch.inference_mode()
-def _embed_images(model: ECLIP, slots: list[tuple[Product, int]], batch_size: int, device, bar) -> tuple[pa.Table, list[dict]]:
+def _embed_images(model: ECLIP, slots: list[tuple[Product, int]], batch_size: int, bar) -> tuple[pa.Table, list[dict]]:
     dim = model.config.embed_dim
     rows: dict[str, list] = {"product_id": [], "image_index": [], "image_path": []}
     product_vecs, global_vecs, broken = [], [], []
@@ -179,7 +181,7 @@ def _embed_images(model: ECLIP, slots: list[tuple[Product, int]], batch_size: in
             rows["image_index"].append(i)
             rows["image_path"].append(path)
         if tensors:
-            encoding = model.encode_image(normalize(torch.stack(tensors)).to(device))
+            encoding = model.encode_image(normalize(torch.stack(tensors)))  # moved to the model's device by it
             product_vecs.append(model.product_embedding_from(encoding).float().cpu().numpy())
             global_vecs.append(encoding.global_embedding.float().cpu().numpy())
         if bar is not None:
@@ -216,7 +218,7 @@ def embed_catalog(
     out_dir: str | Path,
     part_size: int = PART_SIZE,
     batch_size: int = 64,
-    device: str = "cpu",
+    device: str = "auto",
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
@@ -273,7 +275,7 @@ def embed_catalog(
     with tqdm(total=todo_images, desc=desc, unit="img", disable=not progress, position=rank if world_size > 1 else None) as bar:
         for kind, i in todo:
             if kind == "images":
-                table, broken = _embed_images(model, slots[i * part_size : (i + 1) * part_size], batch_size, device, bar)
+                table, broken = _embed_images(model, slots[i * part_size : (i + 1) * part_size], batch_size, bar)
                 report.images_embedded += table.num_rows
                 report.broken.extend(broken)
             else:

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from eclip.data.transforms import normalize, to_uint8_tensor
+from eclip.data.transforms import normalize
 from eclip.io import load_model
 from eclip.model.eclip import ECLIP
+from eclip.model.inference import GroundResult
 from eclip.retrieval import image_text_query
 from eclip.tiling import (
     ground_tiled,
@@ -61,42 +63,31 @@ class SearchRow:
         return asdict(self)
 
 
-@dataclass
-class GroundResult:
-    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width and height
-    box_pixels: tuple[int, int, int, int]  # the same box in pixels of the image given
-    heatmap: np.ndarray  # (S, S) in [0, 1] at the model's input resolution
-    query_index: int | None  # the decoder query selected by the text; None for the baseline
-
-    def to_dict(self, heatmap: bool = False) -> dict:
-        out = {"box": list(self.box), "box_pixels": list(self.box_pixels), "query_index": self.query_index}
-        if heatmap:
-            out["heatmap"] = self.heatmap.tolist()
-        return out
+__all__ = ["GroundResult", "SearchRow", "Searcher"]
 
 
 class Searcher:
-    def __init__(self, model: ECLIP, index: ProductIndex, device: str | torch.device = "cpu"):
+    """Queries are encoded on the model's device (`model.device`); vectors come back as numpy."""
+
+    def __init__(self, model: ECLIP, index: ProductIndex):
         if index.dim != model.config.embed_dim:
             raise IndexFolderError(
                 f"the index holds {index.dim}-d vectors but the model embeds into {model.config.embed_dim}-d: "
                 "was the index built from another model's embeddings?")
         self.model = model.eval()
         self.index = index
-        self.device = torch.device(device)
         self.field = index.info.get("field", "product")
 
     @classmethod
-    def load(cls, model_folder: str | Path, index_folder: str | Path, device: str = "cpu") -> Searcher:
+    def load(cls, model_folder: str | Path, index_folder: str | Path, device: str | None = None) -> Searcher:
+        """`device`: None, CUDA when present, else the CPU."""
         index = ProductIndex.load(index_folder)  # first: its errors are cheaper than a model load
-        return cls(load_model(model_folder, device=device), index, device)
+        return cls(load_model(model_folder, device=device), index)
 
     # ------------------------------------------------------------------ query vectors
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        size = self.model.image_size
-        batch = torch.stack([to_uint8_tensor(im.convert("RGB"), size) for im in images])
-        return normalize(batch).to(self.device)
+        return torch.stack([self.model.preprocess(image) for image in images])
 
     @torch.inference_mode()
     def embed_text(self, text: str) -> np.ndarray:
@@ -104,7 +95,7 @@ class Searcher:
 
     def _tile_pixels(self, image: Image.Image, tiles: int) -> torch.Tensor:
         """(T, 3, S, S) the photo's tiles, cut at full resolution, normalised."""
-        return normalize(pil_tiles(image.convert("RGB"), tile_boxes(tiles), self.model.image_size)).to(self.device)
+        return normalize(pil_tiles(image.convert("RGB"), tile_boxes(tiles), self.model.image_size))
 
     @torch.inference_mode()
     def embed_image(self, image: Image.Image, tiles: int = 0) -> np.ndarray:
@@ -189,15 +180,15 @@ class Searcher:
     # ------------------------------------------------------------------ grounding
 
     def ground(self, image: Image.Image, text: str, tiles: int = 0) -> GroundResult:
-        """Where in `image` is the product that `text` describes (model.ground; with tiles >= 2,
-        inside the tile the text matches best)."""
-        if tiles >= 2:
-            with torch.inference_mode():
-                grounding = ground_tiled(self.model, self._pixels([image]), self.model.encode_text([text]), tiles)
-        else:
-            grounding = self.model.ground(self._pixels([image]), [text])
+        """Where in `image` is the product that `text` describes (`model.ground(image, text)`;
+        with tiles >= 2, coarse to fine over the photo's tiles, `eclip.tiling.ground_tiled`)."""
+        if tiles < 2:
+            return self.model.ground(image, text)
+        with torch.inference_mode():
+            grounding = ground_tiled(self.model, self._pixels([image]), self.model.encode_text([text]), tiles)
         box = tuple(float(v) for v in grounding.boxes[0])
         w, h = image.size
         pixels = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+        heatmap = F.interpolate(grounding.heatmaps[:1, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
         index = None if grounding.query_index is None else int(grounding.query_index[0])
-        return GroundResult(box, pixels, grounding.heatmaps[0].float().cpu().numpy(), index)  # type: ignore[arg-type]
+        return GroundResult(box, pixels, heatmap.numpy(), index)  # type: ignore[arg-type]

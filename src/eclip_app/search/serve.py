@@ -129,9 +129,11 @@ class SearchService:
 
     @classmethod
     def load(cls, model_folder: str | Path | None, index_folder: str | Path, onnx_folder: str | Path | None = None,
-             image_roots: list[str | Path] | None = None, threads: int | None = None) -> SearchService:
+             image_roots: list[str | Path] | None = None, threads: int | None = None,
+             device: str | None = None) -> SearchService:
         """`threads`: intra-op threads per request (PyTorch or onnxruntime). Requests already run
-        in parallel, so 1 avoids oversubscribing the cores; None keeps the runtime's default."""
+        in parallel, so 1 avoids oversubscribing the cores; None keeps the runtime's default.
+        `device`: the PyTorch model's (None: CUDA when present, else the CPU)."""
         if onnx_folder is not None:
             from .export import OnnxEncoder
 
@@ -141,7 +143,7 @@ class SearchService:
             torch.set_num_threads(threads)
         if model_folder is None:
             raise ValueError("give a model folder or an ONNX export folder")
-        return cls(Searcher.load(model_folder, index_folder), image_roots)
+        return cls(Searcher.load(model_folder, index_folder, device=device), image_roots)
 
     @staticmethod
     def _catalog_roots(index: Any, base: Path | None = None) -> list[Path]:
@@ -177,15 +179,15 @@ class SearchService:
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         with torch.inference_mode():
-            return self.model.encode_text(texts).float().numpy()
+            return self.model.encode_text(texts).float().cpu().numpy()
 
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """One vector per image in the index's space (product or global embedding)."""
         with torch.inference_mode():
             encoding = self.model.encode_image(self._batch(images))
             if self.searcher.field == "global":
-                return encoding.global_embedding.float().numpy()
-            return self.model.product_embedding_from(encoding).float().numpy()
+                return encoding.global_embedding.float().cpu().numpy()
+            return self.model.product_embedding_from(encoding).float().cpu().numpy()
 
     def logit_scale(self) -> float:
         scale = getattr(self.model, "logit_scale", None)
@@ -266,10 +268,11 @@ class SearchService:
         with torch.inference_mode():
             encoding = self.model.encode_image(batch)
             maps, index = self.model.heatmaps_from(encoding, self.model.encode_text(texts))
-            heat = upsample_heatmap(maps.float(), (self.image_size, self.image_size))
+            heat = upsample_heatmap(maps.float(), (self.image_size, self.image_size)).cpu()
+            maps = maps.float().cpu()
         out = []
         for i, h in enumerate(heat.numpy()):
-            grid = maps[i].float().numpy()
+            grid = maps[i].numpy()
             grid = (grid - grid.min()) / max(float(grid.max() - grid.min()), 1e-12)
             out.append({
                 "box": [round(v, 4) for v in self.model.box_from_heatmap(h)],
@@ -286,7 +289,7 @@ class SearchService:
             # as evaluation.encode_labels: each label's prompts embedded, averaged, renormalised
             texts = self.model.encode_text([p.format(label) for label in labels for p in prompts])
             label_emb = F.normalize(texts.float().view(len(labels), len(prompts), -1).mean(dim=1), dim=-1)
-            scores = self.model.image_text_scores(encoding, label_emb)[0].float()
+            scores = self.model.image_text_scores(encoding, label_emb)[0].float().cpu()
             probs = (scores * self.logit_scale()).softmax(dim=-1)
         ranked = sorted(zip(labels, scores.tolist(), probs.tolist()), key=lambda r: -r[1])
         return [{"label": label, "score": s, "probability": p} for label, s, p in ranked]
@@ -654,7 +657,7 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
     @app.get("/health")
     async def health():
         return {"status": "ok", "products": len(service.index), "encoder": service.backend,
-                "image_size": service.image_size, "auth": settings.api_key is not None}
+                "device": str(service.model.device), "image_size": service.image_size, "auth": settings.api_key is not None}
 
     @app.api_route("/search", methods=["GET", "POST"])
     async def search(request: Request):
