@@ -333,8 +333,9 @@ def test_eclip_lite_onnx_matches_pytorch(lite, tmp_path):
     model, folder, _ = lite
     encoder = OnnxEncoder.load(folder)
     rows = make_catalog(tmp_path / "images")
-    photos = [normalize(to_uint8_tensor(load_rgb(rows[i]["image_path"]), 224)) for i in (0, 9, 20)]
-    images = torch.cat([torch.stack(photos), torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))])
+    size = model.image_size  # the export's fixed input side (the preset's)
+    photos = [normalize(to_uint8_tensor(load_rgb(rows[i]["image_path"]), size)) for i in (0, 9, 20)]
+    images = torch.cat([torch.stack(photos), torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))])
     with torch.inference_mode():
         ref, got = model.encode_image(images), encoder.encode_image(images)
         for name in ("global_embedding", "instances", "productness", "attention"):
