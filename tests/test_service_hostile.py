@@ -40,7 +40,7 @@ from eclip_app.search.searcher import Searcher  # noqa: E402
 from eclip_app.search.serve import SearchService, ServeSettings, check_prompt, create_app  # noqa: E402
 
 from .conftest import micro_config  # noqa: E402
-from .search_helpers import ServerThread, build_index, make_catalog  # noqa: E402
+from .search_helpers import ServerThread, build_index, make_catalog, make_service  # noqa: E402
 
 SETTINGS = ServeSettings(max_upload_bytes=1_000_000, max_pixels=1_000_000, read_timeout_s=5.0)
 FIELDS = {
@@ -60,7 +60,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def service(model, tmp_path_factory):
-    return SearchService(Searcher(model, build_index(model, make_catalog(tmp_path_factory.mktemp("hostile") / "images"))))
+    return make_service(model, tmp_path_factory.mktemp("hostile") / "images")
 
 
 @pytest.fixture(scope="module")
