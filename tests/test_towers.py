@@ -352,14 +352,49 @@ def test_eclip_lite_text_tower_is_minilm(lite):
     assert int(sims.argmax()) == 0 and sims[0] > sims[1:].max() + 0.2
 
 
-def test_eclip_lite_forward_shapes_and_no_levels(lite):
+def test_eclip_lite_forward_shapes_and_stage_levels(lite):
     images = _images(2, 224)
     with torch.no_grad():
         encoding = lite.encode_image(images)
+        features = lite.vision.forward_features(images)
+        reference = lite.vision.model.forward_features(lite.vision.renorm(images))  # timm's own forward
     assert encoding.instances.shape == (2, 16, 256) and encoding.attention.shape == (2, 16, 7, 7)
-    assert lite.config.decoder.memory_level == -1  # a CNN exposes only its last map
-    with pytest.raises(ValueError, match="only its final tokens"):
-        lite.vision.forward_features(images).level(2)
+    assert lite.config.decoder.memory_level == -1
+    # stage by stage is timm's forward, and each stage's map is a level on its own grid
+    torch.testing.assert_close(features.tokens, reference.flatten(2).transpose(1, 2))
+    assert features.level(5).shape == (2, 14 * 14, 112) and features.level_grid(5) == (14, 14)
+    assert lite.vision.level_width(5) == 112 and lite.vision.level_width(0) == 32
+    assert features.level(2).shape == (2, 56 * 56, 24) and lite.vision.level_width(2) == 24
+    assert features.level(-1) is features.tokens and features.level_grid(-1) == (7, 7)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_eclip_lite_decoder_reads_a_finer_stage(fuse):
+    """memory_level 5 (stride 16): attention on the 14 x 14 grid at 224 px, instances still pool
+    the 7 x 7 final tokens, the contribution map is on the finer grid, and the split forward
+    from the cached frozen prefix (6 layers) gives the same encoding."""
+    config = model_preset("eclip-lite")
+    config.decoder.memory_level, config.decoder.memory_fuse_final = 5, fuse
+    model = ECLIP(config, pretrained=False).eval()
+    assert (model.decoder.final_proj is not None) == fuse and model.decoder.memory_proj.in_features == 112
+    images = _images(2, 224)
+    with torch.no_grad():
+        encoding = model.encode_image(images)
+        cached = model.encode_image(model.vision.forward_frozen(images, 6), frozen_layers=6)
+        texts = model.encode_text(["a red dress", "blue jeans"])
+        maps, index = model.heatmaps_from(encoding, texts)
+    assert encoding.attention.shape == (2, 16, 14, 14) and encoding.grid == (7, 7)
+    torch.testing.assert_close(encoding.attention.sum(dim=(-2, -1)), torch.ones(2, 16))
+    assert encoding.instances.shape == (2, 16, 256) and maps.shape == (2, 14, 14) and index.shape == (2,)
+    for a, b in ((encoding.instances, cached.instances), (encoding.attention, cached.attention),
+                 (encoding.global_embedding, cached.global_embedding)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # a query looking at one cell of the fine grid pools the final token that covers it
+    attention = torch.zeros(1, 1, 14, 14)
+    attention[0, 0, 3, 9] = 1.0
+    features = model.vision.forward_features(images[:1])
+    pooled = model._instance_features(None, attention, features)  # (1, 1, D)
+    torch.testing.assert_close(pooled[0, 0], model.image_head(features.tokens[0, 1 * 7 + 4]))
 
 
 def test_eclip_lite_weights_are_checked(monkeypatch):

@@ -125,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hint-weight", type=float, default=0.5, help="weight of the category hint in the hinted query")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the arms' model folders (one per variant tried)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each arm from its folder's last checkpoint; a finished arm is only evaluated")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -233,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             config.feature_cache = True
             # the frozen prefix is the same for both arms; one folder per input size
             config.feature_cache_dir = str(work / f"feature_cache_{args.image_size}")
-        run = train(config, progress=not args.no_progress, store=store)
+        finished = args.resume and (Path(config.out_dir) / "model").is_dir()
+        run = train(config, progress=not args.no_progress, store=store, resume=args.resume)
         if run.stopped_by_signal:
             raise SystemExit(f"{arm}: stopped by a signal; resume with the same command")
         model = run.model.eval()
@@ -241,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         best = max(BOX_RULES, key=lambda name: np.mean([sweep[r][name] for r in sweep]))
         model.config = dataclasses.replace(model.config, box=BOX_RULES[best])
         results[arm] = {split: evaluate_split(model, data["clean"][split], data["scenes"][split], args) for split in data["clean"]}
-        record[arm] = {"train_seconds": round(run.seconds, 1), "losses": losses_line(run.history), "box_rule_sweep": sweep,
+        seconds = None if finished else run.seconds  # a finished arm's training time is in its first results file
+        record[arm] = {"train_seconds": seconds and round(seconds, 1), "losses": losses_line(run.history), "box_rule_sweep": sweep,
                        "box_rule": best, "grounding_map": model.config.effective_grounding_map,
-                       "samples_per_s": round(config.steps * config.products_per_batch * config.images_per_product / run.seconds, 2)}
-        logger.info("%s: trained in %.0f s, box rule %s", arm, run.seconds, best)
+                       "samples_per_s": seconds and round(config.steps * config.products_per_batch * config.images_per_product / seconds, 2)}
+        logger.info("%s: %s, box rule %s", arm, "evaluated" if finished else f"trained in {run.seconds:.0f} s", best)
     command = "python -m experiments.small_products.small_products " + " ".join(sys.argv[1:] if argv is None else argv)
     out = {"command": command.strip(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "args": vars(args),
            "results": results, "runs": record}

@@ -179,6 +179,10 @@ class DecoderConfig(Checked):
     # product without looking at it, and their attention stops grounding it. Local tokens
     # force the queries onto the product.
     memory_level: int = -1
+    # With a memory_level finer than the final tokens (a CNN's earlier stage): also add the
+    # final tokens, projected and upsampled to that grid (a top-down path, as in FPN), so the
+    # memory keeps the finer level's positions and the final level's meaning.
+    memory_fuse_final: bool = False
     # Learnable memory slots with no position, appended to the keys: a query with nothing to
     # read attends there instead of parking its attention on a border patch (an attention
     # sink). Maps are reported over the image tokens only.

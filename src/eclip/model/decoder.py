@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import DecoderConfig
@@ -39,7 +40,9 @@ class DecoderLayer(nn.Module):
 
 
 class InstanceDecoder(nn.Module):
-    def __init__(self, config: DecoderConfig, token_width: int):
+    def __init__(self, config: DecoderConfig, token_width: int, final_width: int | None = None):
+        """`token_width`: C of the tokens the queries read; `final_width`: C of the final
+        tokens added to them (`DecoderConfig.memory_fuse_final`), or None."""
         super().__init__()
         self.num_queries = config.num_queries
         self.width = config.width
@@ -47,6 +50,7 @@ class InstanceDecoder(nn.Module):
         # tokens and all M instances would start out (and stay) alike
         self.queries = nn.Parameter(torch.randn(config.num_queries, config.width))
         self.memory_proj = nn.Linear(token_width, config.width)
+        self.final_proj = nn.Linear(final_width, config.width) if final_width is not None else None
         self.memory_norm = nn.LayerNorm(config.width)
         self.registers = nn.Parameter(torch.randn(config.registers, config.width) * 0.02)
         self.layers = nn.ModuleList(
@@ -61,11 +65,23 @@ class InstanceDecoder(nn.Module):
         return self._pos_cache[grid].to(device=like.device, dtype=like.dtype)
 
     def forward(
-        self, tokens: torch.Tensor, grid: tuple[int, int]
+        self,
+        tokens: torch.Tensor,
+        grid: tuple[int, int],
+        final: torch.Tensor | None = None,
+        final_grid: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, N, C_v) -> instances (B, M, C), attention (B, M, N) of the last layer."""
+        """tokens (B, N, C_v) on `grid` -> instances (B, M, C), attention (B, M, N) of the last
+        layer. With a `final_proj`, `final` (B, N_f, C_f) on the coarser `final_grid` is
+        projected, upsampled to `grid` (nearest) and added."""
         b, n, _ = tokens.shape
-        memory = self.memory_norm(self.memory_proj(tokens))  # (B, N, C)
+        memory = self.memory_proj(tokens)  # (B, N, C)
+        if self.final_proj is not None:
+            if final is None or final_grid is None:
+                raise ValueError("this decoder fuses the final tokens: pass final and final_grid")
+            top = self.final_proj(final).transpose(1, 2).unflatten(-1, final_grid)  # (B, C, h_f, w_f)
+            memory = memory + F.interpolate(top, size=grid, mode="nearest").flatten(2).transpose(1, 2)
+        memory = self.memory_norm(memory)
         pos = self.position_encoding(grid, memory)
         if self.registers.shape[0]:  # registers: no position, appended after the image tokens
             memory = torch.cat([memory, self.registers.expand(b, -1, -1)], dim=1)  # (B, N + R, C)

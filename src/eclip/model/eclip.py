@@ -78,7 +78,11 @@ class ECLIP(nn.Module, Inference):
                 raise ValueError(
                     f"decoder.instance_features must be one of {INSTANCE_FEATURES}, not {config.decoder.instance_features!r}"
                 )
-            self.decoder = InstanceDecoder(config.decoder, self.vision.width)
+            level = config.decoder.memory_level
+            fuse = config.decoder.memory_fuse_final and level not in (-1, self.vision.num_layers - 1)
+            self.decoder = InstanceDecoder(
+                config.decoder, self.vision.level_width(level), self.vision.width if fuse else None
+            )
             if config.decoder.instance_features == "decoder":  # "tokens" reuses the image head
                 self.instance_head = nn.Linear(config.decoder.width, config.embed_dim, bias=False)
             self.productness_head = nn.Linear(config.decoder.width, 1)
@@ -142,27 +146,29 @@ class ECLIP(nn.Module, Inference):
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:
-            memory = scale_gradient(features.level(self.config.decoder.memory_level), self.config.decoder.memory_grad_scale)
-            hidden, attn = self.decoder(memory, features.grid)  # (B,M,C), (B,M,N)
-            instances = F.normalize(self._instance_features(hidden, attn, features.tokens), dim=-1)
+            level, grad_scale = self.config.decoder.memory_level, self.config.decoder.memory_grad_scale
+            memory, grid = scale_gradient(features.level(level), grad_scale), features.level_grid(level)
+            final = scale_gradient(features.tokens, grad_scale) if self.decoder.final_proj is not None else None
+            hidden, attn = self.decoder(memory, grid, final, features.grid)  # (B,M,C), (B,M,N)
+            attention = attn.unflatten(-1, grid)  # (B, M, h, w)
+            instances = F.normalize(self._instance_features(hidden, attention, features), dim=-1)
             productness = self.productness_head(hidden).squeeze(-1)
-            attention = attn.unflatten(-1, features.grid)
         return ImageEncoding(
             global_embedding, instances, productness, attention, features.tokens, features.grid
         )
 
-    def _instance_features(self, hidden: torch.Tensor, attention: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def _instance_features(self, hidden: torch.Tensor, attention: torch.Tensor, features) -> torch.Tensor:
         """(B, M, D) unnormalised instances (`DecoderConfig.instance_features`): the decoder's
-        output through the instance head, or each query's attention pooling the tower's final
-        tokens through the image head (the global embedding's own projection)."""
+        output through the instance head, or each query's attention (B, M, h, w) pooling the
+        tower's final tokens through the image head (the global embedding's own projection).
+        Attention on a finer grid than the final tokens is summed over each token's cells."""
         if self.config.decoder.instance_features == "decoder":
             return self.instance_head(hidden)
-        if attention.shape[-1] != tokens.shape[1]:
-            raise ValueError(
-                f"instance_features='tokens' pools the final tokens ({tokens.shape[1]}) with the attention "
-                f"over the decoder's memory ({attention.shape[-1]}): set a memory_level on the same grid"
-            )
-        return self.image_head(torch.einsum("bmn,bnc->bmc", attention, tokens))  # (B, M, D)
+        if tuple(attention.shape[-2:]) != tuple(features.grid):
+            attention = F.adaptive_avg_pool2d(attention, features.grid)
+            attention = attention / attention.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        weights = attention.flatten(2)  # (B, M, N) over the final tokens
+        return self.image_head(torch.einsum("bmn,bnc->bmc", weights, features.tokens))  # (B, M, D)
 
     def encode_text(self, texts: list[str] | str | tuple[torch.Tensor, torch.Tensor], frozen_layers: int = 0) -> torch.Tensor:
         """Titles or queries -> (T, D), L2-normalised. Given as (ids, mask) with

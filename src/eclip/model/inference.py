@@ -32,11 +32,13 @@ class ImageEncoding:
     global_embedding: torch.Tensor  # (B, D), L2-normalised
     instances: torch.Tensor | None  # (B, M, D), L2-normalised; None without a decoder
     productness: torch.Tensor | None  # (B, M) logits
-    attention: torch.Tensor | None  # (B, M, h, w), each map sums to 1
+    # (B, M, h, w), each map sums to 1; on the grid of the level the decoder read, which may
+    # be finer than `grid`
+    attention: torch.Tensor | None
     # (B, N, C) what `projected_tokens` reads: the final visual tokens (PyTorch), or the
     # tokens already projected by the image head (an ONNX graph)
     tokens: torch.Tensor | None
-    grid: tuple[int, int]
+    grid: tuple[int, int]  # (h, w) of `tokens`
     # (B, D) the product embedding under the config's readout, when the backend computed it
     # with the encoding (the ONNX graph does); None: computed on demand
     product: torch.Tensor | None = None
@@ -215,7 +217,11 @@ class Inference:
         maps = encoding.attention[torch.arange(len(index)), index]  # (B, h, w)
         if grounding_map == "contribution":
             relevance = torch.einsum("bnd,bd->bn", self.projected_tokens(encoding, grounding_map), texts)  # (B, N)
-            maps = maps * relevance.unflatten(-1, encoding.grid)
+            relevance = relevance.unflatten(-1, encoding.grid)  # (B, h, w) on the final tokens' grid
+            if relevance.shape[-2:] != maps.shape[-2:]:  # the decoder read a finer level
+                relevance = F.interpolate(relevance.unsqueeze(1), size=maps.shape[-2:], mode="bilinear",
+                                          align_corners=False).squeeze(1)
+            maps = maps * relevance
         return maps, index
 
     def box_from_heatmap(self, heatmap: np.ndarray, grounding_map: str | None = None) -> tuple[float, float, float, float]:

@@ -430,8 +430,11 @@ class OnnxEncoder(Inference):
         out = self._run_image(images)
         t = {name: torch.from_numpy(value) for name, value in out.items()}
         if self.has_decoder:
-            grid = tuple(t["attention"].shape[-2:])
             tokens = t.get("token_projections", t.get("token_embeddings"))
+            grid = tuple(t["attention"].shape[-2:])
+            if tokens is not None and tokens.shape[1] != grid[0] * grid[1]:  # attention on a finer level
+                ratio = round((grid[0] * grid[1] / tokens.shape[1]) ** 0.5)
+                grid = (grid[0] // ratio, grid[1] // ratio)
             return ImageEncoding(t["global_embedding"], t["instances"], t["productness"], t["attention"],
                                  tokens=tokens, grid=grid, product=t["product_embedding"])  # type: ignore[arg-type]
         n = t["token_embeddings"].shape[1]

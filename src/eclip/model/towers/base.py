@@ -33,20 +33,34 @@ class VisionFeatures:
     pooled: torch.Tensor  # (B, C) global feature
     tokens: torch.Tensor  # (B, N, C) spatial tokens, row-major over the grid
     grid: tuple[int, int]  # (h, w) with h * w == N
-    # (B, N, C) tokens after the stem (index 0) and after each block (1..depth), same grid;
-    # the instance decoder may read an earlier, more local level than the last. Levels before
-    # the layer a split forward started from are None (they were not computed).
+    # The output of the stem (index 0) and of each block (1..depth): (B, N, C) tokens on the
+    # final grid (a ViT), or (B, C, h, w) feature maps on their own, finer grids (a CNN); the
+    # instance decoder may read an earlier, more local level than the last. Levels before the
+    # layer a split forward started from are None (they were not computed).
     levels: list[torch.Tensor | None] | None = None
 
-    def level(self, index: int) -> torch.Tensor:
-        """Tokens at a depth: -1 (or depth) is the final normalised output."""
+    def _level(self, index: int) -> torch.Tensor | None:
+        """The stored level, or None for the final tokens."""
         if index == -1 or (self.levels is not None and index == len(self.levels) - 1):
-            return self.tokens
+            return None
         if self.levels is None:
             raise ValueError(f"this vision tower exposes only its final tokens, not level {index}")
         if self.levels[index] is None:
             raise ValueError(f"level {index} lies inside the frozen prefix this forward started after")
         return self.levels[index]
+
+    def level(self, index: int) -> torch.Tensor:
+        """(B, N_level, C_level) tokens at a depth, row-major over `level_grid(index)`; -1 (or
+        depth) is the final normalised output."""
+        x = self._level(index)
+        if x is None:
+            return self.tokens
+        return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+
+    def level_grid(self, index: int) -> tuple[int, int]:
+        """(h, w) of `level(index)`'s tokens."""
+        x = self._level(index)
+        return (x.shape[2], x.shape[3]) if x is not None and x.ndim == 4 else self.grid
 
 
 def layers_by_prefix(module: nn.Module, stem: tuple[str, ...], blocks: str, num_blocks: int) -> dict[str, int]:
@@ -130,6 +144,10 @@ class VisionTower(_TunableTower):
     width: int
     image_size: int
     head_init: torch.Tensor | None = None
+
+    def level_width(self, index: int) -> int:
+        """C of `VisionFeatures.level(index)` (-1: the final tokens)."""
+        return self.width
 
     def forward_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -85,12 +85,28 @@ class TimmVision(VisionTower):
         self.stages = isinstance(model, timm.models.efficientnet.EfficientNet)
 
     def forward_features_from(self, hidden: torch.Tensor, num_frozen_layers: int) -> VisionFeatures:
-        if self._check_split(num_frozen_layers) == 0:
+        start = self._check_split(num_frozen_layers)
+        if not self.stages:
+            if start:
+                self.forward_layer(start, hidden)  # raises: only EfficientNets split
             return self.finish(self.model.forward_features(self.renorm(hidden)))
-        x = hidden
-        for index in range(num_frozen_layers, self.num_layers):
+        # stage by stage (what timm's forward_features runs), keeping each stage's feature map
+        # as a level: the decoder may read a finer one than the last
+        x, levels = hidden, [None] * self.num_layers
+        if start > 0:
+            levels[start - 1] = x
+        for index in range(start, self.num_layers):
             x = self.forward_layer(index, x)
-        return self.finish(self.model.bn2(self.model.conv_head(x)))  # the head ends the last layer
+            levels[index] = x
+        return self.finish(self.model.bn2(self.model.conv_head(x)), levels)  # the head ends the last layer
+
+    def level_width(self, index: int) -> int:
+        if index == -1 or index == self.num_layers - 1 or not self.stages:
+            return self.width
+        if index == 0:
+            return self.model.bn1.num_features
+        # a block ends in its output BatchNorm
+        return [m for m in self.model.blocks[index - 1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
     def forward_layer(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if not self.stages:
@@ -112,7 +128,7 @@ class TimmVision(VisionTower):
             tokens = x.flatten(2).transpose(1, 2)  # (B, h * w, C)
         else:  # a ViT: (B, prefix + N, C)
             tokens, grid = x[:, self.prefix_tokens :], self.grid
-        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=grid)
+        return VisionFeatures(pooled=tokens.mean(dim=1), tokens=tokens, grid=grid, levels=levels)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
