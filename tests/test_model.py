@@ -1,6 +1,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,6 +320,34 @@ def _peaked_product_map():
     return heat.numpy()
 
 
+def test_box_rule_peak_region_boxes_the_small_product_the_map_peaks_on():
+    """A small product with the peak beside a larger, weaker blob (a distractor): "largest"
+    boxes the distractor, "peak" the product."""
+    heat = np.zeros((32, 32), dtype=np.float32)
+    heat[4:10, 4:10] = 0.6  # the small product, where the map peaks
+    heat[6, 6] = 1.0
+    heat[16:30, 14:30] = 0.3  # a large distractor, kept by the same threshold
+    assert box_from_heatmap(heat, 1.0, "mean", "largest") == pytest.approx((14 / 32, 16 / 32, 30 / 32, 30 / 32))
+    assert box_from_heatmap(heat, 1.0, "mean", "peak") == pytest.approx((4 / 32, 4 / 32, 10 / 32, 10 / 32))
+    with pytest.raises(ValueError, match="largest, peak or union"):
+        box_from_heatmap(heat, 1.0, "mean", "biggest")
+
+
+def test_box_rule_mass_keeps_the_highest_pixels_holding_a_share():
+    """"mass": the fewest highest pixels holding the share; a peaked map keeps a tight box where
+    a mean threshold spreads, and a spread map keeps a wide one."""
+    heat = np.full((32, 32), 0.02, dtype=np.float32)
+    heat[10:14, 10:14] = 1.0  # 16 pixels hold 16 / (16 + 1008 * 0.02) = 0.44 of the sum
+    assert box_from_heatmap(heat, 0.4, "mass") == pytest.approx((10 / 32, 10 / 32, 14 / 32, 14 / 32))
+    assert box_from_heatmap(heat, 0.9, "mass") == (0.0, 0.0, 1.0, 1.0)  # the rest is needed too
+    spread = np.zeros((32, 32), dtype=np.float32)
+    spread[4:28, 2:30] = 0.5
+    assert box_from_heatmap(spread, 0.5, "mass") == pytest.approx((2 / 32, 4 / 32, 30 / 32, 28 / 32))
+    assert box_from_heatmap(np.zeros((8, 8), dtype=np.float32), 0.5, "mass") == (0.0, 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="at most 1"):
+        BoxRule("mass", 1.5)
+
+
 def test_box_rule_above_mean_boxes_the_product_not_its_peak():
     heat = _peaked_product_map()
     product = (6 / 32, 8 / 32, 20 / 32, 24 / 32)
@@ -427,7 +456,7 @@ def test_presets_and_overrides():
         ("vision.stem=conv3", r"VisionConfig.stem must be one of \('conv', 'patch'\)"),
         ("vision.stem_norm=batch", r"VisionConfig.stem_norm must be one of \('channel', 'group'\)"),
         ("decoder.instance_features=hidden", r"DecoderConfig.instance_features must be one of \('decoder', 'tokens'\)"),
-        ('box={"region": "all"}', r"BoxRule.region must be one of \('largest', 'union'\)"),
+        ('box={"region": "all"}', r"BoxRule.region must be one of \('largest', 'union', 'peak'\)"),
         ("vision.depth=abc", r"VisionConfig.depth must be an integer, not 'abc'"),
         ("vision.depth=2.5", r"VisionConfig.depth must be an integer, not 2.5"),
         ("selection_temperature=fast", r"ModelConfig.selection_temperature must be a number, not 'fast'"),

