@@ -103,6 +103,25 @@ def test_search_image_and_both_with_ground(client):
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
 
 
+def test_search_image_with_tiles_is_the_searchers_tiled_query(client, service):
+    """tiles=2: the photo read as the whole plus 2 x 2 crops, ranked as Searcher ranks it; a
+    tiled query may rank differently from the whole photo's."""
+    photo = Image.new("RGB", (96, 64), (240, 240, 240))
+    photo.paste(Image.new("RGB", (30, 24), (200, 30, 30)), (60, 36))  # a small red thing in a corner
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    files = {"image": ("q.png", buffer.getvalue(), "image/png")}
+    r = client.post("/search", files=files, data={"k": "5", "tiles": "2"})
+    assert r.status_code == 200, r.text
+    assert r.json()["query"]["tiles"] == 2
+    expected = service.searcher.search_image(photo, 5, tiles=2)
+    assert [x["product_id"] for x in r.json()["results"]] == [row.product_id for row in expected]
+    assert [x["score"] for x in r.json()["results"]] == pytest.approx([row.score for row in expected], abs=1e-5)
+    hinted = client.post("/search", files=files, data={"text": "red shirt", "k": "5", "tiles": "2"})
+    expected = service.searcher.search_image_text(photo, "red shirt", 5, tiles=2)
+    assert [x["product_id"] for x in hinted.json()["results"]] == [row.product_id for row in expected]
+
+
 def test_search_filters_modes_and_facets(client, service):
     """Filters in JSON (an object) and form data (key=value fields), BM25 and hybrid ranking,
     facet counts in every answer, and 400s that name the field."""
@@ -216,6 +235,9 @@ def test_web_page_and_assets(client):
         ({"files": {"image": ("a.png", b"", "image/png")}}, 400, "image"),
         ({"files": {"image": ("a.png", png_bytes()[:40], "image/png")}}, 400, "image"),  # truncated
         ({"json": {"image": "not base64!"}}, 400, "image"),
+        ({"json": {"text": "shirt", "tiles": 2}}, 400, "tiles"),  # tiles need an image
+        ({"files": {"image": ("a.png", png_bytes(), "image/png")}, "data": {"tiles": "9"}}, 400, "tiles"),
+        ({"files": {"image": ("a.png", png_bytes(), "image/png")}, "data": {"tiles": "-1"}}, 400, "tiles"),
     ],
 )
 def test_search_rejects_bad_payloads(client, kwargs, status, field):

@@ -44,7 +44,7 @@ from .search_helpers import ServerThread, build_index, make_catalog, make_servic
 
 SETTINGS = ServeSettings(max_upload_bytes=1_000_000, max_pixels=1_000_000, read_timeout_s=5.0)
 FIELDS = {
-    "/search": ["text", "q", "image", "k", "ground"],
+    "/search": ["text", "q", "image", "k", "ground", "tiles"],
     "/embed": ["text", "image"],
     "/classify": ["image", "labels", "prompts"],
     "/ground": ["image", "text", "product_id", "image_index"],

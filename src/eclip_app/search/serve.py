@@ -2,7 +2,7 @@
 model, PyTorch `ECLIP` or `OnnxEncoder`, plus a `ProductIndex`), wrapped in a `SearchService`.
 
     GET  /health                 status, product count, encoder backend
-    POST /search                 text and/or image (multipart or JSON), k, ground, filters, mode
+    POST /search                 text and/or image (multipart or JSON), k, ground, filters, mode, tiles
                                  -> ranked products and facet counts
     POST /embed                  texts and/or images -> vectors
     POST /classify               image + labels (+ prompts) -> zero-shot scores
@@ -86,6 +86,7 @@ class ServeSettings:
     # labels x prompts of one /classify request: each is a text encoding (64 labels x 5 prompts)
     max_classify_texts: int = 320
     max_ground: int = 24  # results grounded by /search?ground=1
+    max_tiles: int = 4  # /search?tiles=N reads an image query as N x N crops too: 1 + N^2 encodings
     read_timeout_s: float = 60.0  # the whole request body must arrive within this (408 after)
     # Host header names answered (None: any); "*" any, "*.example.com" its subdomains
     allowed_hosts: list[str] | None = None
@@ -197,13 +198,14 @@ class SearchService:
 
     # ---- search
 
-    def search(self, text: str | None, image: Image.Image | None, k: int, filters=None, mode: str = "dense") -> list[dict]:
+    def search(self, text: str | None, image: Image.Image | None, k: int, filters=None, mode: str = "dense",
+               tiles: int = 0) -> list[dict]:
         if text is not None and image is not None:
-            rows = self.searcher.search_image_text(image, text, k, filters=filters, mode=mode)
+            rows = self.searcher.search_image_text(image, text, k, filters=filters, mode=mode, tiles=tiles)
         elif text is not None:
             rows = self.searcher.search_text(text, k, filters=filters, mode=mode)
         else:
-            rows = self.searcher.search_image(image, k, filters=filters)
+            rows = self.searcher.search_image(image, k, filters=filters, tiles=tiles)
         results = []
         for row in rows:
             meta = self.index.metadata(row.product_id)
@@ -661,7 +663,7 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     @app.api_route("/search", methods=["GET", "POST"])
     async def search(request: Request):
-        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground", "filters", "mode"})
+        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground", "filters", "mode", "tiles"})
         text = payload.text("text") if payload.has("text") else payload.text("q")
         image = await payload.image("image")
         if text is None and image is None:
@@ -674,17 +676,20 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
         if mode != "dense" and text is None:
             raise ApiError(400, "mode", f"mode {mode} needs a text")
         filters = _filters(payload, settings)
+        tiles = payload.integer("tiles", 0, 0, settings.max_tiles)
+        if tiles >= 2 and image is None:
+            raise ApiError(400, "tiles", "tiles reads an image query: give an image")
 
         def run():
             start = time.perf_counter()
             try:
-                results = service.search(text, image, k, filters, mode)
+                results = service.search(text, image, k, filters, mode, tiles)
                 facets = service.searcher.facets(filters)
             except FilterError as error:
                 raise ApiError(400, "filters", str(error)) from error
             if ground:
                 _ground_results(service, results, text, settings.max_ground, settings.max_pixels)
-            return {"query": {"text": text, "image": image is not None, "k": k, "mode": mode, "filters": filters},
+            return {"query": {"text": text, "image": image is not None, "k": k, "mode": mode, "filters": filters, "tiles": tiles},
                     "results": results, "facets": facets, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
         return await run_in_threadpool(run)
