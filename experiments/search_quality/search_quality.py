@@ -236,6 +236,10 @@ def fusion_arms() -> dict[str, Callable]:
     return arms
 
 
+def _filter_key(filters: dict | None) -> tuple:
+    return tuple(sorted((filters or {}).items()))
+
+
 def evaluate_fusions(searcher: Searcher, queries: list[Query], lexical_lists: dict) -> dict[str, dict]:
     """Every fusion arm on each query's dense and BM25 top HYBRID_DEPTH, without and with the
     filter; `lexical_lists` caches BM25 across models. Checks that rrf w=1 is the library's hybrid."""
@@ -243,18 +247,21 @@ def evaluate_fusions(searcher: Searcher, queries: list[Query], lexical_lists: di
     per_setting: dict[str, dict[str, dict]] = {}
     mismatches = 0
     for setting, filtered in (("none", False), ("filtered", True)):
-        lists = {}
+        lists = {}  # (text, filters) -> (dense, BM25): one text can be two kinds' query, with different filters
         for q in queries:
             filters = q.filters if filtered else None
-            key = (q.text, filtered)
+            key = (q.text, _filter_key(filters))
             if key not in lexical_lists:
                 lexical_lists[key] = [(r.product_id, r.score) for r in searcher.search_text(q.text, HYBRID_DEPTH, filters, mode="lexical")]
             dense = [(r.product_id, r.score) for r in searcher.search_text(q.text, HYBRID_DEPTH, filters, mode="dense")]
-            lists[q.text] = (dense, lexical_lists[key])
+            lists[key] = (dense, lexical_lists[key])
             library = [r.product_id for r in searcher.search_text(q.text, K, filters, mode="hybrid")]
             mismatches += library != weighted_rrf(dense, lexical_lists[key], 1.0)
         for name, fuse in arms.items():
-            per_setting.setdefault(name, {})[setting] = evaluate_arm(lambda text, _filters, fuse=fuse, lists=lists: fuse(*lists[text]), queries, filtered)
+            def rank(text, filters, fuse=fuse, lists=lists):
+                return fuse(*lists[(text, _filter_key(filters))])
+
+            per_setting.setdefault(name, {})[setting] = evaluate_arm(rank, queries, filtered)
     if mismatches:
         raise AssertionError(f"rrf w=1 differs from the library's reciprocal rank fusion on {mismatches} queries")
     return per_setting
