@@ -44,7 +44,7 @@ def test_queries_are_shopper_phrases_with_graded_relevance():
     products = _products()
     queries = build_queries(products, per_kind=50, seed=0)
     kinds = {q.kind for q in queries}
-    assert kinds == {"attributes", "brand", "partial"}
+    assert kinds == {"attributes", "brand", "partial", "synonyms"}
     titles = {p.title.lower() for p in products}
     assert all(q.text not in titles for q in queries)
     for q in queries:
@@ -53,9 +53,11 @@ def test_queries_are_shopper_phrases_with_graded_relevance():
     navy = by_text["navy blue tshirts for men"]
     assert navy.grades == {"1": 2, "2": 1, "5": 1, "6": 1}  # 2 and 5: men; 6: navy blue tshirts, for women
     assert navy.filters == {"gender": "men"}
+    tee = by_text["navy blue tee for guys"]  # a word no title has, graded as "navy blue tshirts for men"
+    assert tee.kind == "synonyms" and tee.grades == navy.grades and not any("tee" in t.split() for t in titles)
     puma = by_text["puma shoes"]
     assert {pid: g for pid, g in puma.grades.items()} == {"3": 2, "5": 2}  # puma: 3 and 5; shoes: only puma's here
-    partial = Query("partial", "town navy", {"brand": "nike", "type": "tshirts"}, {}, "1", phrase="town navy")
+    partial = Query("partial", "town navy", {"brand": "nike", "type": "tshirt"}, {}, "1", phrase="town navy")
     assert [relevance(partial, p) for p in products] == [2, 1, 0, 0, 0, 1]
 
 
@@ -114,7 +116,8 @@ def test_end_to_end_on_a_tiny_catalog(tmp_path, capsys):
     # brand and type words are in every relevant title: BM25 ranks a fully relevant product first
     assert results["results"]["lexical (BM25)"]["none"]["brand"]["mrr"] == 1.0
     fusion = results["fusion"]["untrained tiny"]
-    assert set(fusion) == {"rrf w=0.25", "rrf w=0.5", "rrf w=1", "rrf w=2", "rrf w=4", "convex a=0.25", "convex a=0.5", "convex a=0.75"}
+    assert set(fusion) == {f"rrf w={w}" for w in ("0.05", "0.1", "0.25", "0.5", "1", "2", "4")} | {
+        f"convex a={a}" for a in ("0.05", "0.1", "0.25", "0.5", "0.75")}
     assert fusion["rrf w=1"] == results["results"]["hybrid untrained tiny"]  # plain RRF is the library's hybrid
     images = results["images"]["tiny"]["untrained tiny"]  # 10 of the 16 searched products' scenes
     assert set(images) == {"image", "image tiles=2", "image + hint w=0.25", "image + hint w=0.25 tiles=2",
