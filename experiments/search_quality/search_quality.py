@@ -35,8 +35,9 @@ image queries (a composed scene showing the product, with and without a text hin
    queries, subCategory for the others) as a `ProductIndex` filter.
 6. Fusion (`FUSIONS`): from each query's dense and BM25 top HYBRID_DEPTH, the library's hybrid
    (reciprocal rank fusion) against RRF with the dense term weighted by w, and a convex mix
-   a * dense + (1 - a) * BM25 of min-max normalised scores. The library's own `hybrid` arm is
-   checked to equal RRF with w = 1.
+   a * dense + (1 - a) * BM25 of min-max normalised scores. The library's hybrid at
+   dense_weight 1 is checked to equal rrf w=1; the tables' `hybrid` arms are the library's
+   default (`DENSE_WEIGHT`).
 7. Image queries (`--scenes NAME=CATALOG`, composed scenes of the searched products, e.g.
    small_products' held-out scenes): the scene is the query, its product grade 2, products of
    its article type grade 1. Text-free (the whole scene, and tiled 2 x 2 with the whole scene
@@ -75,8 +76,8 @@ from eclip.model import ECLIP  # noqa: E402
 from eclip.presets import model_preset  # noqa: E402
 from eclip.tiling import tiled_hinted_vectors, tiled_product_vectors  # noqa: E402
 from eclip_app.search.index import ProductIndex  # noqa: E402
-from eclip_app.search.lexical import RRF_K  # noqa: E402
-from eclip_app.search.searcher import HYBRID_DEPTH, Searcher  # noqa: E402
+from eclip_app.search.lexical import reciprocal_rank_fusion  # noqa: E402
+from eclip_app.search.searcher import DENSE_WEIGHT, HYBRID_DEPTH, Searcher  # noqa: E402
 from experiments.real_catalog.real_catalog import (  # noqa: E402
     DEFAULT_DATA,
     myntra_catalog,
@@ -228,16 +229,13 @@ def evaluate_arm(rank, queries: list[Query], filtered: bool) -> dict[str, dict[s
 
 # ----------------------------------------------------------------------------- fusion
 
-FUSIONS: dict[str, list[float]] = {"rrf": [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0], "convex": [0.05, 0.1, 0.25, 0.5, 0.75]}
+FUSIONS: dict[str, list[float]] = {"rrf": [0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0], "convex": [0.02, 0.05, 0.1, 0.25, 0.5, 0.75]}
 
 
 def weighted_rrf(dense: list[tuple[str, float]], lexical: list[tuple[str, float]], dense_weight: float, k: int = K) -> list[str]:
-    """score = w / (RRF_K + dense rank) + 1 / (RRF_K + BM25 rank); w = 1 is the library's hybrid."""
-    scores: dict[str, float] = {}
-    for weight, ranking in ((dense_weight, dense), (1.0, lexical)):
-        for rank, (pid, _) in enumerate(ranking, start=1):
-            scores[pid] = scores.get(pid, 0.0) + weight / (RRF_K + rank)
-    return [pid for pid, _ in sorted(scores.items(), key=lambda item: -item[1])[:k]]
+    """score = w / (RRF_K + dense rank) + 1 / (RRF_K + BM25 rank): the library's hybrid at dense_weight w."""
+    rankings = [[pid for pid, _ in dense], [pid for pid, _ in lexical]]
+    return [pid for pid, _ in reciprocal_rank_fusion(rankings, k, weights=[dense_weight, 1.0])]
 
 
 def _minmax(ranking: list[tuple[str, float]]) -> dict[str, float]:
@@ -284,7 +282,7 @@ def evaluate_fusions(searcher: Searcher, queries: list[Query], lexical_lists: di
                 lexical_lists[key] = [(r.product_id, r.score) for r in searcher.search_text(q.text, HYBRID_DEPTH, filters, mode="lexical")]
             dense = [(r.product_id, r.score) for r in searcher.search_text(q.text, HYBRID_DEPTH, filters, mode="dense")]
             lists[key] = (dense, lexical_lists[key])
-            library = [r.product_id for r in searcher.search_text(q.text, K, filters, mode="hybrid")]
+            library = [r.product_id for r in searcher.search_text(q.text, K, filters, mode="hybrid", dense_weight=1.0)]
             mismatches += library != weighted_rrf(dense, lexical_lists[key], 1.0)
         for name, fuse in arms.items():
             def rank(text, filters, fuse=fuse, lists=lists):
@@ -524,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or work / "results.json")
     examples = {kind: [q.text for q in queries if q.kind == kind][:5] for kind in ("attributes", "brand", "partial", "synonyms")}
     out.write_text(json.dumps({"config": vars(args), "split": args.split, "heldout_products": len(heldout), "queries": len(queries),
-                               "examples": examples, "results": results, "fusion": fusion, "images": images,
+                               "examples": examples, "results": results, "hybrid_dense_weight": DENSE_WEIGHT, "fusion": fusion, "images": images,
                                "seconds": timings, "load_average": loads}, indent=2))
     logger.info("wrote %s", out)
     return 0
