@@ -454,7 +454,7 @@ class Payload:
             raise ApiError(400, name, f"{name} must be a number")
         try:
             number = float(value)
-        except ValueError as error:
+        except (ValueError, OverflowError) as error:  # OverflowError: a JSON integer past float's range
             raise ApiError(400, name, f"{name} must be a number") from error
         if not math.isfinite(number) or not low <= number <= high:
             raise ApiError(400, name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
