@@ -154,3 +154,8 @@ def test_reciprocal_rank_fusion():
     assert [p for p, _ in fused] == ["a", "c", "b"]
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
     assert reciprocal_rank_fusion([[], []], k=5) == []
+    weighted = reciprocal_rank_fusion([["a", "b", "c"], ["c", "a", "d"]], k=4, weights=[0.2, 1.0])
+    assert [p for p, _ in weighted] == ["c", "a", "d", "b"]  # the second ranking leads
+    assert weighted[0][1] == pytest.approx(0.2 / 63 + 1 / 61)
+    with pytest.raises(ValueError, match="2 weights for 3 rankings"):
+        reciprocal_rank_fusion([["a"], ["b"], ["c"]], k=1, weights=[1.0, 1.0])

@@ -544,6 +544,13 @@ def test_cli_embed_index_search_prints_tables(model_dir, synth_catalog, tmp_path
     assert "bad filter 'category'" in capsys.readouterr().err
     assert main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--image", str(image), "--mode", "lexical"]) == 2
     assert "--mode lexical needs --text" in capsys.readouterr().err
+    dense = main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--text", "blue bag", "-k", "5", "--json"])
+    dense_rows = json.loads(capsys.readouterr().out)
+    assert dense == 0 and main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--text", "blue bag", "-k", "5",
+                                "--mode", "hybrid", "--dense-weight", "100", "--json"]) == 0
+    assert [r["product_id"] for r in json.loads(capsys.readouterr().out)] == [r["product_id"] for r in dense_rows]
+    assert main(["-q", "search", "--model", str(model_dir), "--index", str(idx), "--text", "bag", "--mode", "hybrid", "--dense-weight", "0"]) == 2
+    assert "--dense-weight must be a number between 0.001 and 1000" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs_give_clear_errors(model_dir, index_dir, tmp_path, capsys):

@@ -137,19 +137,47 @@ def test_search_filters_modes_and_facets(client, service):
     assert form["results"][0]["title"] == "green shoe"
     assert {r["attributes"]["colour"] for r in form["results"]} <= {"green", "red"}
     assert form["facets"]["category"] == {"shirt": 2, "bag": 2, "shoe": 2}
-    # hybrid = reciprocal rank fusion of the dense and the lexical rankings
+    # hybrid = reciprocal rank fusion of the dense and the lexical rankings, the dense one weighted
     dense = [r.product_id for r in service.searcher.search_text("yellow bag", 50)]
     lexical = [p for p, _ in service.index.search_lexical("yellow bag", 50)]
     hybrid = client.post("/search", json={"text": "yellow bag", "mode": "hybrid", "k": 5}).json()["results"]
     from eclip_app.search.lexical import reciprocal_rank_fusion
+    from eclip_app.search.searcher import DENSE_WEIGHT
 
-    assert [r["product_id"] for r in hybrid] == [p for p, _ in reciprocal_rank_fusion([dense, lexical], 5)]
+    assert [r["product_id"] for r in hybrid] == [p for p, _ in reciprocal_rank_fusion([dense, lexical], 5, weights=[DENSE_WEIGHT, 1.0])]
     for payload, field in [({"text": "x", "filters": {"brand": "nike"}}, "filters"), ({"text": "x", "filters": ["colour"]}, "filters"),
                            ({"text": "x", "mode": "fuzzy"}, "mode"), ({"image": base64.b64encode(png_bytes()).decode(), "mode": "lexical"}, "mode"),
                            ({"text": "x", "filters": {"colour": {"gte": "a"}}}, "filters"),
                            ({"text": "x", "filters": {"colour": [str(i) for i in range(65)]}}, "filters")]:
         response = client.post("/search", json=payload)
         assert response.status_code == 400 and error_field(response) == field, (payload, response.text)
+
+
+def test_hybrid_dense_weight_moves_the_ranking_between_dense_and_lexical(client, service):
+    """dense_weight scales the embedding's RRF term: huge, hybrid is the dense top k; tiny, it is
+    BM25's top k; out of range or not a number, a 400 naming the field."""
+    from eclip_app.search.searcher import DENSE_WEIGHT
+
+    text, k = "green shoe", 8
+    dense = [r.product_id for r in service.searcher.search_text(text, k)]
+    lexical = [p for p, _ in service.index.search_lexical(text, k)]
+    assert len(lexical) == k and dense != lexical  # the two rankings differ, so the weight decides
+
+    def hybrid(**extra):
+        body = client.post("/search", json={"text": text, "mode": "hybrid", "k": k, **extra}).json()
+        return [r["product_id"] for r in body["results"]], body["query"]["dense_weight"]
+
+    assert hybrid(dense_weight=100) == (dense, 100)
+    assert hybrid(dense_weight=0.01) == (lexical, 0.01)
+    assert hybrid()[1] == DENSE_WEIGHT
+    assert [r.product_id for r in service.searcher.search_text(text, k, mode="hybrid", dense_weight=100)] == dense
+    form = client.post("/search", data={"text": text, "mode": "hybrid", "k": str(k), "dense_weight": "0.01"}).json()
+    assert [r["product_id"] for r in form["results"]] == lexical
+    for bad in (0, -1, 1e9, 10**400, "abc", "nan", True, [1, 2], {"w": 1}):
+        response = client.post("/search", json={"text": text, "mode": "hybrid", "dense_weight": bad})
+        assert response.status_code == 400 and error_field(response) == "dense_weight", (bad, response.text)
+    with pytest.raises(ValueError, match="dense_weight"):
+        service.searcher.search_text(text, k, mode="hybrid", dense_weight=0)
 
 
 def test_search_get_with_query_string(client):

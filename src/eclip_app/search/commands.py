@@ -61,7 +61,7 @@ def _search(args) -> int:
 
     from .filters import FilterError
     from .index import IndexFolderError
-    from .searcher import Searcher
+    from .searcher import DENSE_WEIGHT, Searcher, check_dense_weight
 
     if args.text is None and args.image is None:
         return _fail("search", ValueError("give --text, --image or both"), 2)
@@ -69,6 +69,10 @@ def _search(args) -> int:
         return _fail("search", ValueError("--text is empty"), 2)
     if args.mode != "dense" and args.text is None:
         return _fail("search", ValueError(f"--mode {args.mode} needs --text"), 2)
+    try:
+        dense_weight = DENSE_WEIGHT if args.dense_weight is None else check_dense_weight(args.dense_weight)
+    except ValueError as error:
+        return _fail("search", ValueError(f"--{error}".replace("dense_weight", "dense-weight", 1)), 2)
     query_image: Image.Image | None = None
     if args.image is not None:
         try:
@@ -83,11 +87,11 @@ def _search(args) -> int:
     try:
         if query_image is not None and args.text is not None:
             rows = searcher.search_image_text(query_image, args.text, args.k, text_weight=args.text_weight,
-                                              filters=filters, mode=args.mode, tiles=args.tiles)
+                                              filters=filters, mode=args.mode, tiles=args.tiles, dense_weight=dense_weight)
         elif query_image is not None:
             rows = searcher.search_image(query_image, args.k, filters=filters, tiles=args.tiles)
         else:
-            rows = searcher.search_text(args.text, args.k, filters=filters, mode=args.mode)
+            rows = searcher.search_text(args.text, args.k, filters=filters, mode=args.mode, dense_weight=dense_weight)
         facets = searcher.facets(filters) if args.facets else None
     except FilterError as error:
         return _fail("search", error, 2)
@@ -173,6 +177,9 @@ def add_search_commands(sub) -> None:
     se.add_argument("--mode", choices=["dense", "lexical", "hybrid"], default="dense",
                     help="rank by the embedding (dense), BM25 over titles and attributes (lexical), "
                          "or both fused by reciprocal rank (hybrid); lexical and hybrid need --text")
+    se.add_argument("--dense-weight", type=float, default=None, metavar="W",
+                    help="hybrid: weight of the embedding's ranking in the fusion, BM25's being 1 (0.001-1000; "
+                         "default: the library's, eclip_app.search.searcher.DENSE_WEIGHT)")
     se.add_argument("--facets", action="store_true", help="also print products per facet value under the filters")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table (with --facets: {results, facets})")
     se.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, ... (auto: CUDA when present, else the CPU)")

@@ -1,6 +1,6 @@
 """The lexical side of product search: BM25 (`bm25s`, English stop words, Snowball stemming) over
-each product's title, category and attribute values, and reciprocal rank fusion with the
-dense ranking.
+each product's title, category and attribute values, and (weighted) reciprocal rank fusion
+with the dense ranking.
 
 The BM25 index is derived data: built from the index's product metadata on the first lexical
 query and rebuilt on the first query after an `add` (a removed product is masked out at once,
@@ -74,10 +74,16 @@ class LexicalIndex:
         return [(self.product_ids[d], float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
 
 
-def reciprocal_rank_fusion(rankings: list[list[str]], k: int, constant: int = RRF_K) -> list[tuple[str, float]]:
-    """Fuse rankings of ids: score(id) = sum over rankings of 1 / (constant + rank), rank from 1."""
+def reciprocal_rank_fusion(
+    rankings: list[list[str]], k: int, constant: int = RRF_K, weights: list[float] | None = None
+) -> list[tuple[str, float]]:
+    """Fuse rankings of ids: score(id) = sum over rankings of weight / (constant + rank), rank
+    from 1; `weights` one per ranking (default 1 each)."""
+    weights = [1.0] * len(rankings) if weights is None else list(weights)
+    if len(weights) != len(rankings):
+        raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
     scores: dict[str, float] = {}
-    for ranking in rankings:
+    for weight, ranking in zip(weights, rankings):
         for rank, pid in enumerate(ranking, start=1):
-            scores[pid] = scores.get(pid, 0.0) + 1.0 / (constant + rank)
+            scores[pid] = scores.get(pid, 0.0) + weight / (constant + rank)
     return sorted(scores.items(), key=lambda item: -item[1])[:k]

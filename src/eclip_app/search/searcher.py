@@ -18,11 +18,13 @@ scores its best match; grounding zooms into the tile that holds the whole image'
 
 Modes (queries with a text): `dense` ranks by the embedding alone, `lexical` by BM25 over
 titles and attributes alone, `hybrid` fuses the two rankings' top HYBRID_DEPTH by reciprocal
-rank fusion. Every mode takes the index's metadata `filters`.
+rank fusion, the dense term weighted by `dense_weight` (BM25's by 1). Every mode takes the
+index's metadata `filters`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +51,19 @@ from .index import Hit, IndexFolderError, ProductIndex
 from .lexical import MODES, reciprocal_rank_fusion
 
 HYBRID_DEPTH = 50  # candidates taken from each ranking before fusion
+# hybrid: weight of the dense ranking's RRF term (BM25's is 1), picked by validation nDCG@10 on
+# shopper-style Myntra queries (experiments/search_quality, docs/results.md): BM25's order leads,
+# the embedding reorders near-ties and ranks what BM25 does not match
+DENSE_WEIGHT = 0.02
+DENSE_WEIGHT_RANGE = (0.001, 1000.0)
+
+
+def check_dense_weight(value: float) -> float:
+    """`value` as a float if it is a usable hybrid dense weight, else ValueError naming it."""
+    low, high = DENSE_WEIGHT_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"dense_weight must be a number between {low:g} and {high:g}, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -134,8 +149,10 @@ class Searcher:
         """Top k for one query vector (D,), or for several (V, D): a product scores its best match."""
         return [self._row(rank, hit) for rank, hit in enumerate(self._dense_hits(vector, k, filters), start=1)]
 
-    def _ranked(self, vector: Callable[[], np.ndarray], text: str | None, k: int, filters, mode: str) -> list[SearchRow]:
+    def _ranked(self, vector: Callable[[], np.ndarray], text: str | None, k: int, filters, mode: str,
+                dense_weight: float = DENSE_WEIGHT) -> list[SearchRow]:
         """Dense, lexical or fused rows (module doc); `vector` embeds the query when needed."""
+        dense_weight = check_dense_weight(dense_weight)
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}; choose from {', '.join(MODES)}")
         if mode == "dense":
@@ -149,7 +166,8 @@ class Searcher:
             dense = self._dense_hits(vector(), depth, filters)
             lexical = self.index.search_lexical(text, depth, filters)
             photos = {h.product_id: h.image_path for h in dense}
-            fused = reciprocal_rank_fusion([[h.product_id for h in dense], [pid for pid, _ in lexical]], k)
+            fused = reciprocal_rank_fusion([[h.product_id for h in dense], [pid for pid, _ in lexical]], k,
+                                           weights=[dense_weight, 1.0])
             hits = [Hit(pid, score, photos.get(pid)) for pid, score in fused]
         return [self._row(rank, hit) for rank, hit in enumerate(hits, start=1)]
 
@@ -162,20 +180,21 @@ class Searcher:
         path = hit.image_path or next(iter(meta.get("image_paths") or []), None)
         return SearchRow(rank, hit.product_id, hit.score, meta.get("title"), path)
 
-    def search_text(self, text: str, k: int = 10, filters=None, mode: str = "dense") -> list[SearchRow]:
+    def search_text(self, text: str, k: int = 10, filters=None, mode: str = "dense",
+                    dense_weight: float = DENSE_WEIGHT) -> list[SearchRow]:
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self._ranked(lambda: self.embed_text(text), text, k, filters, mode)
+        return self._ranked(lambda: self.embed_text(text), text, k, filters, mode, dense_weight)
 
     def search_image(self, image: Image.Image, k: int = 10, filters=None, tiles: int = 0) -> list[SearchRow]:
         return self.search_vector(self.embed_image(image, tiles), k, filters)
 
     def search_image_text(self, image: Image.Image, text: str, k: int = 10, text_weight: float = 0.5,
-                          filters=None, mode: str = "dense", tiles: int = 0) -> list[SearchRow]:
+                          filters=None, mode: str = "dense", tiles: int = 0, dense_weight: float = DENSE_WEIGHT) -> list[SearchRow]:
         """`hybrid` fuses the image-plus-text ranking with BM25 of the text; `lexical` is BM25 alone."""
         if not text or not text.strip():
             raise ValueError("empty query text")
-        return self._ranked(lambda: self.embed_image_text(image, text, text_weight, tiles), text, k, filters, mode)
+        return self._ranked(lambda: self.embed_image_text(image, text, text_weight, tiles), text, k, filters, mode, dense_weight)
 
     # ------------------------------------------------------------------ grounding
 

@@ -2,7 +2,8 @@
 model, PyTorch `ECLIP` or `OnnxEncoder`, plus a `ProductIndex`), wrapped in a `SearchService`.
 
     GET  /health                 status, product count, encoder backend
-    POST /search                 text and/or image (multipart or JSON), k, ground, filters, mode, tiles
+    POST /search                 text and/or image (multipart or JSON), k, ground, filters, mode,
+                                 dense_weight, tiles
                                  -> ranked products and facet counts
     POST /embed                  texts and/or images -> vectors
     POST /classify               image + labels (+ prompts) -> zero-shot scores
@@ -28,6 +29,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import mimetypes
 import os
 import string
@@ -55,7 +57,7 @@ from eclip.model.grounding import upsample_heatmap
 
 from .filters import FilterError, parse_filters
 from .index import ProductIndex
-from .searcher import Searcher
+from .searcher import DENSE_WEIGHT, DENSE_WEIGHT_RANGE, Searcher
 
 logger = logging.getLogger("eclip.serve")
 
@@ -199,11 +201,12 @@ class SearchService:
     # ---- search
 
     def search(self, text: str | None, image: Image.Image | None, k: int, filters=None, mode: str = "dense",
-               tiles: int = 0) -> list[dict]:
+               dense_weight: float = DENSE_WEIGHT, tiles: int = 0) -> list[dict]:
         if text is not None and image is not None:
-            rows = self.searcher.search_image_text(image, text, k, filters=filters, mode=mode, tiles=tiles)
+            rows = self.searcher.search_image_text(image, text, k, filters=filters, mode=mode, dense_weight=dense_weight,
+                                                   tiles=tiles)
         elif text is not None:
-            rows = self.searcher.search_text(text, k, filters=filters, mode=mode)
+            rows = self.searcher.search_text(text, k, filters=filters, mode=mode, dense_weight=dense_weight)
         else:
             rows = self.searcher.search_image(image, k, filters=filters, tiles=tiles)
         results = []
@@ -446,6 +449,20 @@ class Payload:
             raise ApiError(400, name, f"{name} must be between {low} and {high}, got {number}")
         return number
 
+    def number(self, name: str, default: float, low: float, high: float) -> float:
+        value = self._one(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ApiError(400, name, f"{name} must be a number")
+        try:
+            number = float(value)
+        except (ValueError, OverflowError) as error:  # OverflowError: a JSON integer past float's range
+            raise ApiError(400, name, f"{name} must be a number") from error
+        if not math.isfinite(number) or not low <= number <= high:
+            raise ApiError(400, name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        return number
+
     def flag(self, name: str) -> bool:
         value = self._one(name)
         if value is None or isinstance(value, bool):
@@ -663,7 +680,8 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
 
     @app.api_route("/search", methods=["GET", "POST"])
     async def search(request: Request):
-        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground", "filters", "mode", "tiles"})
+        payload = await Payload.read(request, settings, {"text", "q", "image", "k", "ground", "filters", "mode", "dense_weight",
+                                                         "tiles"})
         text = payload.text("text") if payload.has("text") else payload.text("q")
         image = await payload.image("image")
         if text is None and image is None:
@@ -675,6 +693,7 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
             raise ApiError(400, "mode", f"mode must be dense, lexical or hybrid, got {mode!r}")
         if mode != "dense" and text is None:
             raise ApiError(400, "mode", f"mode {mode} needs a text")
+        dense_weight = payload.number("dense_weight", DENSE_WEIGHT, *DENSE_WEIGHT_RANGE)
         filters = _filters(payload, settings)
         tiles = payload.integer("tiles", 0, 0, settings.max_tiles)
         if tiles >= 2 and image is None:
@@ -683,13 +702,14 @@ def create_app(service: SearchService | Searcher, settings: ServeSettings | None
         def run():
             start = time.perf_counter()
             try:
-                results = service.search(text, image, k, filters, mode, tiles)
+                results = service.search(text, image, k, filters, mode, dense_weight, tiles)
                 facets = service.searcher.facets(filters)
             except FilterError as error:
                 raise ApiError(400, "filters", str(error)) from error
             if ground:
                 _ground_results(service, results, text, settings.max_ground, settings.max_pixels)
-            return {"query": {"text": text, "image": image is not None, "k": k, "mode": mode, "filters": filters, "tiles": tiles},
+            return {"query": {"text": text, "image": image is not None, "k": k, "mode": mode, "dense_weight": dense_weight,
+                              "filters": filters, "tiles": tiles},
                     "results": results, "facets": facets, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
         return await run_in_threadpool(run)
