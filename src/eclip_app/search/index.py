@@ -347,7 +347,7 @@ class ProductIndex:
         conditions = parse_filters(filters)
         self._lock.acquire_read()
         try:
-            selector, exact = None, False
+            selector, exact, scan_ids = None, False, None
             live_vectors, products = self._live_vectors, len(self._products)
             if conditions:
                 self._facets.check(conditions)
@@ -355,8 +355,11 @@ class ProductIndex:
                 live_vectors = int(mask.sum())
                 products = int((mask & self._facets.primary[: self._next_id]).sum())
                 exact = live_vectors <= EXACT_FILTER_VECTORS
-                bits = np.packbits(mask, bitorder="little")
-                selector = (faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits)  # n in bytes; bits live as long
+                if exact and self.kind == "hnsw":  # positions = ids: score the selected vectors only
+                    scan_ids = np.flatnonzero(mask)
+                else:
+                    bits = np.packbits(mask, bitorder="little")
+                    selector = (faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits)), bits)  # n in bytes; bits live as long
             k = min(int(k), products)
             if k <= 0:
                 return [[] for _ in range(len(q))]
@@ -372,7 +375,10 @@ class ProductIndex:
             results: list[list | None] = [None] * len(q)
             todo, batch = list(range(len(q))), q
             while todo:
-                scores, ids = self._faiss_search(batch, fetch, None if selector is None else selector[0], exact, selectivity)
+                if scan_ids is not None:
+                    scores, ids = self._scan_selected(batch, scan_ids, fetch)
+                else:
+                    scores, ids = self._faiss_search(batch, fetch, None if selector is None else selector[0], exact, selectivity)
                 retry = []
                 for row, qi in enumerate(todo):
                     hits = self._aggregate(scores[row], ids[row], k)
@@ -386,6 +392,18 @@ class ProductIndex:
         finally:
             self._lock.release_read()
 
+    def _scan_selected(self, q: np.ndarray, ids: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products of the queries with the HNSW storage's vectors at `ids` (a
+        gather of the selected rows: a FAISS selector over the flat storage would visit every
+        vector), top `fetch` per query, best first, as FAISS returns them."""
+        storage = faiss.downcast_index(self._index.storage)
+        stored = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * self.dim).reshape(storage.ntotal, self.dim)
+        scores = q @ stored[ids].T  # (Q, S), a view of the index's memory: read under the read lock
+        fetch = min(fetch, len(ids))
+        top = np.argpartition(-scores, fetch - 1, axis=1)[:, :fetch]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
+        return np.take_along_axis(scores, top, axis=1), ids[top]
+
     def _faiss_search(self, q: np.ndarray, fetch: int, selector=None, exact: bool = False,
                       selectivity: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         # per-call parameters instead of setting index fields: safe under concurrent searches;
@@ -397,8 +415,6 @@ class ProductIndex:
                 if params is None:
                     params = self._cache_params(("hnsw", ef), faiss.SearchParametersHNSW(efSearch=ef))
                 return self._index.search(q, fetch, params=params)
-            if exact:  # the graph's flat storage, positions = ids: a scan of the selected vectors
-                return self._index.storage.search(q, fetch, params=faiss.SearchParameters(sel=selector))
             ef = math.ceil(max(self.params["ef_search"], fetch) / max(selectivity, 1e-6) ** FILTER_EF_EXPONENT)
             return self._index.search(q, fetch, params=faiss.SearchParametersHNSW(efSearch=ef, sel=selector))
         if self.kind == "ivfpq":
