@@ -1,6 +1,7 @@
 """From a heat map over the token grid to a box: upsample, rescale to [0, 1], keep the pixels
-above a threshold (relative to the map's mean or its maximum), box the largest connected region,
-the one holding the peak, or all of them (`eclip.config.BoxRule`; each model's rule is `ModelConfig.box_rule()`)."""
+above a threshold (relative to the map's mean or maximum, or the highest holding a share of its
+sum), box the largest connected region, the one holding the peak, or all of them
+(`eclip.config.BoxRule`; each model's rule is `ModelConfig.box_rule()`)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ def box_from_heatmap(
     """Box (x0, y0, x1, y1) as fractions of the width and height, from one map in [0, 1].
 
     Pixels >= threshold x the map's maximum (relative_to="max") or its mean ("mean"), or the
-    highest pixels holding `threshold` of the map's sum ("mass") are kept;
-    the box encloses the largest connected region of them (region="largest"), the region that
-    holds the map's maximum ("peak"), or all of them ("union"). The defaults are the half-maximum rule; models use `ModelConfig.box_rule()`.
+    highest pixels holding `threshold` of the map's sum ("mass") are kept; the box encloses the
+    largest connected region of them (region="largest"), the region that holds the map's
+    maximum ("peak"), or all of them ("union"). The defaults are the half-maximum rule; models
+    use `ModelConfig.box_rule()`.
     x1 and y1 are exclusive, so a one-pixel region has a non-zero area.
     """
     h, w = heatmap.shape
