@@ -104,8 +104,8 @@ def test_search_image_and_both_with_ground(client):
 
 
 def test_search_image_with_tiles_is_the_searchers_tiled_query(client, service):
-    """tiles=2: the photo read as the whole plus 2 x 2 crops, ranked as Searcher ranks it; a
-    tiled query may rank differently from the whole photo's."""
+    """tiles=2: the photo read as the whole plus 2 x 2 crops, ranked and scored as Searcher's
+    tiled query, text-free and with a text."""
     photo = Image.new("RGB", (96, 64), (240, 240, 240))
     photo.paste(Image.new("RGB", (30, 24), (200, 30, 30)), (60, 36))  # a small red thing in a corner
     buffer = io.BytesIO()

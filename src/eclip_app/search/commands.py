@@ -70,9 +70,9 @@ def _search(args) -> int:
     if args.mode != "dense" and args.text is None:
         return _fail("search", ValueError(f"--mode {args.mode} needs --text"), 2)
     try:
-        dense_weight = DENSE_WEIGHT if args.dense_weight is None else check_dense_weight(args.dense_weight)
+        dense_weight = DENSE_WEIGHT if args.dense_weight is None else check_dense_weight(args.dense_weight, "--dense-weight")
     except ValueError as error:
-        return _fail("search", ValueError(f"--{error}".replace("dense_weight", "dense-weight", 1)), 2)
+        return _fail("search", error, 2)
     query_image: Image.Image | None = None
     if args.image is not None:
         try:

@@ -51,18 +51,17 @@ from .index import Hit, IndexFolderError, ProductIndex
 from .lexical import MODES, reciprocal_rank_fusion
 
 HYBRID_DEPTH = 50  # candidates taken from each ranking before fusion
-# hybrid: weight of the dense ranking's RRF term (BM25's is 1), picked by validation nDCG@10 on
-# shopper-style Myntra queries (experiments/search_quality, docs/results.md): BM25's order leads,
-# the embedding reorders near-ties and ranks what BM25 does not match
+# hybrid: weight of the dense ranking's RRF term (BM25's is 1): BM25's order leads, the embedding
+# reorders near-ties and ranks what BM25 does not match (the choice: docs/results.md)
 DENSE_WEIGHT = 0.02
 DENSE_WEIGHT_RANGE = (0.001, 1000.0)
 
 
-def check_dense_weight(value: float) -> float:
-    """`value` as a float if it is a usable hybrid dense weight, else ValueError naming it."""
+def check_dense_weight(value: float, name: str = "dense_weight") -> float:
+    """`value` as a float if it is a usable hybrid dense weight, else ValueError naming it `name`."""
     low, high = DENSE_WEIGHT_RANGE
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise ValueError(f"dense_weight must be a number between {low:g} and {high:g}, got {value!r}")
+        raise ValueError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
     return float(value)
 
 
