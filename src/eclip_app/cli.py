@@ -12,7 +12,8 @@ def _demo(args) -> int:
     from .demo import DEMO_PRESET, run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, steps=args.steps, products=args.products, progress=not args.no_progress,
-             synth=args.synth, preset=args.preset or DEMO_PRESET, device=args.device)
+             synth=args.synth, preset=args.preset or DEMO_PRESET, device=args.device,
+             **({} if args.time_budget is None else {"time_budget_minutes": args.time_budget}))
     return 0
 
 
@@ -450,7 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="report folder (report.md, results.json, PNGs)")
     demo.add_argument("--quick", action="store_true", help="a smaller run, under 3 minutes on 2 cores")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model (default: by size, fitted to --time-budget)")
+    demo.add_argument(
+        "--time-budget", type=float, default=None, metavar="MINUTES",
+        help="the whole run's budget (default 15): it times a few steps at start and, on a machine too slow for the default "
+             "steps, trains both models fewer (at least half); 0: the default steps whatever they take",
+    )
     demo.add_argument("--products", type=int, default=None, help="ShopSynth products (default: by size)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--preset", default=None, help="model preset of both arms (default tiny-convnet; tiny is the ViT); larger presets are slow on a CPU")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
+import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +42,66 @@ SIZES = {
     "full": DemoSize(products=4000, steps=1800, warmup=60),
     "quick": DemoSize(products=1200, steps=200, warmup=20),
 }
+# The whole demo's time budget by default (minutes): on a machine too slow to train the default
+# steps in it, both arms train fewer steps, never fewer than MIN_STEP_SHARE of the default.
+TIME_BUDGET_MINUTES = 15.0
+MIN_STEP_SHARE = 0.5
+PROBE_STEPS = 25  # steps each arm trains at start to time its step (in a scratch folder)
+PROBE_LOG_EVERY = 5  # the probe's throughput windows; the first (model warm-up) is left out
+PROBE_EVAL_PRODUCTS = 100  # held-out products evaluated at start to time the evaluation
+REPORT_SECONDS = 15.0  # figures and report after the last evaluation
+
+
+@dataclass
+class TimePlan:
+    """How the demo sized its training to its time budget, from what it measured at start."""
+
+    budget_seconds: float
+    spent_seconds: float  # before training (the catalog, the probe)
+    step_seconds: dict[str, float]  # one training step of each arm
+    eval_seconds: float  # one arm's evaluation on the held-out products
+    default_steps: int
+    steps: int  # what each arm trains
+    expected_seconds: float  # the whole demo's, at `steps`
+
+    @property
+    def fits(self) -> bool:
+        return self.expected_seconds <= self.budget_seconds
+
+
+def plan_steps(
+    budget_seconds: float, spent_seconds: float, step_seconds: dict[str, float], eval_seconds: float,
+    default_steps: int, min_steps: int,
+) -> TimePlan:
+    """The most steps (at most `default_steps`, at least `min_steps`) both arms can train with
+    every arm's evaluation and the report inside the budget."""
+    per_step = sum(step_seconds.values())
+    fixed = spent_seconds + len(step_seconds) * eval_seconds + REPORT_SECONDS
+    affordable = math.floor((budget_seconds - fixed) / per_step) if per_step > 0 else default_steps
+    steps = max(min_steps, min(default_steps, affordable))
+    return TimePlan(budget_seconds, spent_seconds, step_seconds, eval_seconds, default_steps, steps, fixed + steps * per_step)
+
+
+def measure_step_seconds(config, store: ImageStore, scratch: Path) -> tuple[float, object]:
+    """Seconds per training step of `config`, timed over PROBE_STEPS steps trained in `scratch`
+    (the run itself starts afresh: `train` seeds everything it draws). Returns the probe's model
+    too, to time the evaluation with."""
+    probe = override(config, [f"out_dir={json.dumps(str(scratch))}", f"log_every={PROBE_LOG_EVERY}", "keep_checkpoints=1"])
+    result = train(probe, progress=False, store=store, stop_at=min(PROBE_STEPS, config.steps))
+    windows = [r["samples_per_s"] for r in result.history[1:] if r.get("samples_per_s")]
+    if not windows:  # too few steps for a window past the first: the whole probe
+        return result.seconds / max(result.step, 1), result.model
+    samples = config.products_per_batch * config.images_per_product
+    return samples / statistics.median(windows), result.model
+
+
+def measure_eval_seconds(model, heldout: list) -> float:
+    """One arm's evaluation time on all of `heldout`, from the evaluation of its first
+    PROBE_EVAL_PRODUCTS products (it grows with the number of images)."""
+    part = heldout[:PROBE_EVAL_PRODUCTS]
+    begin = time.time()
+    evaluate(model, part, progress=False)
+    return (time.time() - begin) * len(heldout) / max(len(part), 1)
 
 
 def peak_memory_gib() -> float | None:
@@ -61,13 +124,20 @@ def run_demo(
     synth: list[str] | None = None,
     preset: str = DEMO_PRESET,
     device: str = "auto",
+    time_budget_minutes: float | None = TIME_BUDGET_MINUTES,
 ) -> dict:
     """`synth`: ShopSynthConfig overrides ("product_scale=[0.3,0.5]"), for a harder or easier
     catalog than the default; `preset`: the model preset both arms start from. The report
     records both. `device`: where both arms train and are evaluated ("auto": CUDA when
-    present)."""
+    present). `time_budget_minutes`: the whole run's budget; at start each arm trains a few
+    steps and the held-out evaluation is timed on a part, and when the default steps would not
+    fit, both arms train fewer (at least half; `TimePlan` in the results says what was measured).
+    None or 0, or `steps` given: the steps as given."""
+    if time_budget_minutes is not None and not (math.isfinite(time_budget_minutes) and time_budget_minutes >= 0):
+        raise ValueError(f"time budget {time_budget_minutes} min: give a number of minutes >= 0 (0: no budget)")
     out = Path(out_dir)
     default_size = SIZES["quick" if quick else "full"]
+    sized = not steps and bool(time_budget_minutes)
     steps = steps or default_size.steps
     size = DemoSize(products=products or default_size.products, steps=steps, warmup=min(default_size.warmup, max(1, steps // 10)))
     begin = time.time()
@@ -79,14 +149,35 @@ def run_demo(
 
     train_products, _ = load_catalog(paths["train"])
     heldout, _ = load_catalog(paths["heldout"])
-    runs, histories, results = {}, {}, {}
-    store = None  # decoded once, shared by both runs
-    for objective in ("eclip", "clip"):
-        config = make_train_config(
-            preset, objective, catalog=str(paths["train"]), out_dir=str(out / objective),
-            steps=steps, warmup_steps=size.warmup, seed=seed, checkpoint_every=max(steps // 2, 1), device=device,
+    objectives = ("eclip", "clip")
+
+    def arm_config(objective: str, steps: int):
+        return make_train_config(
+            preset, objective, catalog=str(paths["train"]), out_dir=str(out / objective), steps=steps,
+            warmup_steps=min(default_size.warmup, max(1, steps // 10)), seed=seed, checkpoint_every=max(steps // 2, 1), device=device,
         )
-        store = store or ImageStore(train_products, config.model.vision.image_size)
+
+    store = ImageStore(train_products, arm_config("eclip", steps).model.vision.image_size)  # decoded once, shared by both runs
+    plan = None
+    if sized:
+        step_seconds, eval_seconds = {}, 0.0
+        with tempfile.TemporaryDirectory(prefix="eclip-demo-probe-") as scratch:
+            for objective in objectives:
+                step_seconds[objective], probe_model = measure_step_seconds(arm_config(objective, steps), store, Path(scratch) / objective)
+                eval_seconds = max(eval_seconds, measure_eval_seconds(probe_model, heldout))
+        plan = plan_steps(time_budget_minutes * 60, time.time() - begin, step_seconds, eval_seconds, steps, math.ceil(MIN_STEP_SHARE * steps))
+        per_step = ", ".join(f"{k} {v:.3f} s" for k, v in step_seconds.items())
+        logger.info("time budget %g min: a step takes %s, an evaluation %.0f s: %d steps per arm, about %.1f min in all",
+                    time_budget_minutes, per_step, eval_seconds, plan.steps, plan.expected_seconds / 60)
+        if not plan.fits:
+            logger.warning("this machine needs about %.1f min for the shortest demo that shows the comparison (%d steps per arm), "
+                           "over the %g min budget", plan.expected_seconds / 60, plan.steps, time_budget_minutes)
+        steps = plan.steps
+        size = DemoSize(products=size.products, steps=steps, warmup=arm_config("eclip", steps).warmup_steps)
+
+    runs, histories, results = {}, {}, {}
+    for objective in objectives:
+        config = arm_config(objective, steps)
         result = train(config, progress=progress, store=store)
         runs[objective], histories[objective] = result.model, result.history
         logger.info("%s: %d steps in %.0f s", objective, steps, result.seconds)
@@ -106,16 +197,21 @@ def run_demo(
         "heldout_products": len(heldout), "seconds": round(time.time() - begin, 1),
         "peak_memory_gib": None if peak is None else round(peak, 2), "device": str(runs["eclip"].device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "time_plan": None if plan is None else {**asdict(plan), "fits": plan.fits},
     }
     memory = "unknown" if peak is None else f"{meta['peak_memory_gib']} GiB"
     atomic_write_text(out / "results.json", json.dumps({**results, "meta": meta}, indent=2))
     eclip_readout = runs["eclip"].config.readout
     synth_note = f", ShopSynth overrides {' '.join(synth)}" if synth else ""
+    budget_note = "" if plan is None else (
+        f" Steps fitted to a {time_budget_minutes:g}-minute budget from a step timed at start"
+        f" ({', '.join(f'{k} {v:.3f} s' for k, v in plan.step_seconds.items())}; default {plan.default_steps})."
+    )
     report = f"""# eclip demo
 
 ShopSynth catalog of {size.products} products x 3 listing images (seed {seed}{synth_note}); {len(heldout)} held-out
 products never seen in training. ECLIP and the CLIP baseline (same `{preset}` towers, no decoder,
-global contrastive objective only) trained with the same data, {steps} steps and seed.
+global contrastive objective only) trained with the same data, {steps} steps and seed.{budget_note}
 
 {table}
 
