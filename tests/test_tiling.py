@@ -43,6 +43,25 @@ def test_tiles_cover_the_image_and_overlap(grid):
         tile_boxes(2, overlap=1.0)
 
 
+def test_a_pyramid_of_grids_is_each_grid_s_crops_after_the_whole_image():
+    pyramid = tile_boxes((2, 3))
+    assert pyramid == tile_boxes(2) + tile_boxes(3)[1:]  # one whole image, then coarse to fine
+    assert len(pyramid) == 1 + 4 + 9
+    assert tile_boxes((0, 1)) == tile_boxes(0) and tile_boxes([3]) == tile_boxes(3)
+    for bad in (-1, (2, -3), (2.5,)):
+        with pytest.raises(ValueError, match="grids"):
+            tile_boxes(bad)
+
+
+def test_containing_tile_takes_the_smallest_tile_that_holds_the_box():
+    boxes = tile_boxes((2, 3))  # 2 x 2 tiles of side 0.571 (1-4), 3 x 3 of side 0.4 (5-13)
+    small = (0.05, 0.05, 0.2, 0.2)  # in the top-left tile of both grids: the finer one
+    assert containing_tile(small, boxes) == 5
+    medium = (0.05, 0.05, 0.5, 0.5)  # too large for a 0.4 tile, held by the 0.571 one
+    assert containing_tile(medium, boxes) == 1
+    assert containing_tile((0.0, 0.0, 0.9, 0.9), boxes) == 0
+
+
 def test_crops_are_the_regions_resized_and_boxes_map_back():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     boxes = [(0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]

@@ -104,6 +104,11 @@ CLEAN_COLUMNS = [
 ]
 
 
+def grids(text: str) -> tuple[int, ...]:
+    """--tiles: one grid or several, comma-separated."""
+    return tuple(int(part) for part in text.split(","))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -135,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-feature-cache", action="store_true", help="run the frozen tower stages every step")
     p.add_argument("--validation-only", action="store_true", help="leave the held-out products unread")
     p.add_argument("--eval-batch", type=int, default=64)
-    p.add_argument("--tiles", type=int, default=2, help="also read the scenes as tiles x tiles crops (0: whole scenes only)")
+    p.add_argument("--tiles", type=grids, default=(2,),
+                   help="also read the scenes as tiles x tiles crops (0: whole scenes only; 2,3: both grids' crops)")
     p.add_argument("--hint-weight", type=float, default=0.5, help="weight of the category hint in the hinted query")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the arms' model folders (one per variant tried)")

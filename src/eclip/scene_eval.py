@@ -40,6 +40,7 @@ from .tiling import (
     crop_tiles,
     ground_tiled_from,
     tile_boxes,
+    tile_grids,
     tiled_hinted_vectors,
     tiled_product_vectors,
 )
@@ -130,7 +131,7 @@ def evaluate_scenes(
     occlusion_edges: Sequence[float] = OCCLUSION_EDGES,
     readout: str | None = None,
     grounding_map: str | None = None,
-    tiles: int = 0,
+    tiles: int | Sequence[int] = 0,
     scene_store: ImageStore | None = None,
     catalog_store: ImageStore | None = None,
 ) -> dict[str, float]:
@@ -139,7 +140,7 @@ def evaluate_scenes(
     (Acc@IoU0.5, mean IoU, pointing game, with their random floors), overall and by group
     (`group_by`, buckets by the edges). Each scene goes through the image tower once.
     tiles >= 2 also reads each scene as tiles (`eclip.tiling`, the whole scene and tiles x
-    tiles crops, in the same pass): `scene_to_catalog_tiled_*`, `scene_to_catalog_tiled_hinted_*`
+    tiles crops, in the same pass; several grids, e.g. (2, 3): the crops of each): `scene_to_catalog_tiled_*`, `scene_to_catalog_tiled_hinted_*`
     and `scene_grounding_tiled_*`.
     Products are matched by product_id; a scene whose product is not in the catalog has no
     right answer and is left out (counted). readout and grounding_map, when given, are passed
@@ -176,7 +177,7 @@ def evaluate_scenes(
     hints = dict(zip(categories, model.encode_text([hint_template.format(c) for c in categories]))) if categories else {}
 
     boxes = [scene_products[p].images[i].box if ground else None for p, i in scenes]
-    tile_list = tile_boxes(tiles) if tiles >= 2 else None
+    tile_list = tile_boxes(tiles) if tile_grids(tiles) else None
     per_batch = max(1, batch_size // len(tile_list)) if tile_list else batch_size
     queries: dict[str, list[torch.Tensor]] = {"": [], "hinted_": []} | ({"tiled_": [], "tiled_hinted_": []} if tile_list else {})
     found = {prefix: (np.full(len(scenes), np.nan), np.full(len(scenes), np.nan)) for prefix in (["", "tiled_"] if tile_list else [""])}

@@ -10,6 +10,8 @@ always the whole image, so a tiled reading can fall back to the untiled one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -22,20 +24,29 @@ from .retrieval import mix_query
 Box = tuple[float, float, float, float]
 
 
-def tile_boxes(grid: int, overlap: float = 0.25) -> list[Box]:
-    """The whole image, then `grid` x `grid` square crops overlapping by `overlap` of a crop's
-    side, row by row. grid 0 or 1: the whole image alone."""
-    if grid < 0 or not 0.0 <= overlap < 1.0:
-        raise ValueError(f"tiles need grid >= 0 and 0 <= overlap < 1, got grid={grid}, overlap={overlap}")
+def tile_grids(grid: int | Sequence[int]) -> tuple[int, ...]:
+    """The crop grids of a tiling: one grid, or several (a pyramid, read coarse to fine);
+    grids 0 and 1 add no crops."""
+    grids = (grid,) if isinstance(grid, int) else tuple(grid)
+    if any(not isinstance(g, int) or g < 0 for g in grids):
+        raise ValueError(f"tiles need grids of whole numbers >= 0, got {grid!r}")
+    return tuple(g for g in grids if g >= 2)
+
+
+def tile_boxes(grid: int | Sequence[int], overlap: float = 0.25) -> list[Box]:
+    """The whole image, then for each grid `grid` x `grid` square crops overlapping by
+    `overlap` of a crop's side, row by row (several grids: coarse first, as given). grid 0 or
+    1: the whole image alone."""
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"tiles need 0 <= overlap < 1, got overlap={overlap}")
     boxes = [(0.0, 0.0, 1.0, 1.0)]
-    if grid < 2:
-        return boxes
-    side = 1.0 / (grid - (grid - 1) * overlap)
-    step = side * (1.0 - overlap)
-    for row in range(grid):
-        for col in range(grid):
-            x0, y0 = col * step, row * step
-            boxes.append((x0, y0, min(1.0, x0 + side), min(1.0, y0 + side)))
+    for g in tile_grids(grid):
+        side = 1.0 / (g - (g - 1) * overlap)
+        step = side * (1.0 - overlap)
+        for row in range(g):
+            for col in range(g):
+                x0, y0 = col * step, row * step
+                boxes.append((x0, y0, min(1.0, x0 + side), min(1.0, y0 + side)))
     return boxes
 
 
@@ -99,18 +110,21 @@ def best_match_scores(vectors: torch.Tensor, gallery: torch.Tensor) -> torch.Ten
 
 
 def containing_tile(box: Box, boxes: list[Box]) -> int:
-    """The tile (index >= 1) that holds `box` whole, the one whose centre is nearest the box's;
-    0 (the whole image) when none does."""
+    """The tile (index >= 1) that holds `box` whole: the smallest such tile (the most zoom), of
+    those the one whose centre is nearest the box's; 0 (the whole image) when none does."""
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     eps = 1e-6
     holding = [t for t, (x0, y0, x1, y1) in enumerate(boxes) if t > 0 and x0 - eps <= box[0] and y0 - eps <= box[1]
                and box[2] <= x1 + eps and box[3] <= y1 + eps]
-    return min(holding, key=lambda t: ((boxes[t][0] + boxes[t][2]) / 2 - cx) ** 2 + ((boxes[t][1] + boxes[t][3]) / 2 - cy) ** 2, default=0)
+    def area(t: int) -> float:  # rounded: tiles of one grid tie
+        return round((boxes[t][2] - boxes[t][0]) * (boxes[t][3] - boxes[t][1]), 6)
+
+    return min(holding, key=lambda t: (area(t), ((boxes[t][0] + boxes[t][2]) / 2 - cx) ** 2 + ((boxes[t][1] + boxes[t][3]) / 2 - cy) ** 2), default=0)
 
 
 @torch.no_grad()
 def ground_tiled(
-    model: Inference, images: torch.Tensor, texts: torch.Tensor, grid: int, overlap: float = 0.25, grounding_map: str | None = None
+    model: Inference, images: torch.Tensor, texts: torch.Tensor, grid: int | Sequence[int], overlap: float = 0.25, grounding_map: str | None = None
 ) -> Grounding:
     """Coarse to fine: `Inference.ground` on the whole image, then again inside the tile that
     holds the box found (`containing_tile`), when one does. images (B, 3, S, S) normalised,
