@@ -160,6 +160,9 @@ def run_demo(
     store = ImageStore(train_products, arm_config("eclip", steps).model.vision.image_size)  # decoded once, shared by both runs
     plan = None
     if sized:
+        # decoded now rather than during the probe's steps, which would time the decoding
+        # that the run does once as if every step did it
+        store.preload(progress)
         step_seconds, eval_seconds = {}, 0.0
         with tempfile.TemporaryDirectory(prefix="eclip-demo-probe-") as scratch:
             for objective in objectives:
