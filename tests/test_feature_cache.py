@@ -65,7 +65,12 @@ def test_cached_training_equals_live_training(synth_catalog, tmp_path, k, dtype,
     cached = train(_config(synth_catalog["train"], tmp_path / "cached", cache=True, k=k, feature_cache_dtype=dtype), progress=False)
     assert len(cached.history) == 3
     np.testing.assert_allclose(_losses(cached), _losses(live), rtol=rtol, atol=atol)
-    assert _max_weight_difference(cached.model, live.model) < (1e-5 if dtype == "fp32" else 1e-2)
+    # AdamW moves a weight by up to lr a step whatever its gradient's size, so float rounding
+    # (which differs between CPUs' kernels) shows in the weights at a small share of lr; a wrong
+    # cache entry moves them by the order of lr
+    config = _config(synth_catalog["train"], tmp_path / "live", cache=False, k=k)
+    bound = 0.01 * config.lr * config.steps if dtype == "fp32" else 1e-2
+    assert _max_weight_difference(cached.model, live.model) < bound
 
 
 def test_forward_from_prefixes_equals_full_forward():
