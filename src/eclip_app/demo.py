@@ -139,12 +139,12 @@ def run_demo(
     default_size = SIZES["quick" if quick else "full"]
     sized = not steps and bool(time_budget_minutes)
     steps = steps or default_size.steps
-    size = DemoSize(products=products or default_size.products, steps=steps, warmup=min(default_size.warmup, max(1, steps // 10)))
+    products = products or default_size.products
     begin = time.time()
 
     data_dir = out / "data"
-    logger.info("generating ShopSynth: %d products x 3 images in %s", size.products, data_dir)
-    synth_config = override(ShopSynthConfig(num_products=size.products, images_per_product=3, seed=seed), list(synth or []))
+    logger.info("generating ShopSynth: %d products x 3 images in %s", products, data_dir)
+    synth_config = override(ShopSynthConfig(num_products=products, images_per_product=3, seed=seed), list(synth or []))
     paths = generate(data_dir, synth_config, progress=progress)
 
     train_products, _ = load_catalog(paths["train"])
@@ -176,7 +176,6 @@ def run_demo(
             logger.warning("this machine needs about %.1f min for the shortest demo that shows the comparison (%d steps per arm), "
                            "over the %g min budget", plan.expected_seconds / 60, plan.steps, time_budget_minutes)
         steps = plan.steps
-        size = DemoSize(products=size.products, steps=steps, warmup=arm_config("eclip", steps).warmup_steps)
 
     runs, histories, results = {}, {}, {}
     for objective in objectives:
@@ -196,7 +195,7 @@ def run_demo(
     grounding_grid(runs, heldout, out / "grounding.png")
     peak = peak_memory_gib()
     meta = {
-        "quick": quick, "seed": seed, "steps": steps, "products": size.products, "synth": list(synth or []), "preset": preset,
+        "quick": quick, "seed": seed, "steps": steps, "products": products, "synth": list(synth or []), "preset": preset,
         "heldout_products": len(heldout), "seconds": round(time.time() - begin, 1),
         "peak_memory_gib": None if peak is None else round(peak, 2), "device": str(runs["eclip"].device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
@@ -212,7 +211,7 @@ def run_demo(
     )
     report = f"""# eclip demo
 
-ShopSynth catalog of {size.products} products x 3 listing images (seed {seed}{synth_note}); {len(heldout)} held-out
+ShopSynth catalog of {products} products x 3 listing images (seed {seed}{synth_note}); {len(heldout)} held-out
 products never seen in training. ECLIP and the CLIP baseline (same `{preset}` towers, no decoder,
 global contrastive objective only) trained with the same data, {steps} steps and seed.{budget_note}
 
