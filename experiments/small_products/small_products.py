@@ -44,6 +44,7 @@ from eclip.evaluation import evaluate  # noqa: E402
 from eclip.model import ECLIP  # noqa: E402
 from eclip.model.grounding import box_by_rule, box_iou, upsample_heatmap  # noqa: E402
 from eclip.scene_eval import evaluate_scenes, scene_table  # noqa: E402
+from eclip.tiling import tile_grids  # noqa: E402
 from eclip_app.train import train  # noqa: E402
 from experiments.real_catalog.real_catalog import (  # noqa: E402
     DEFAULT_DATA,
@@ -105,8 +106,14 @@ CLEAN_COLUMNS = [
 
 
 def grids(text: str) -> tuple[int, ...]:
-    """--tiles: one grid or several, comma-separated."""
-    return tuple(int(part) for part in text.split(","))
+    """--tiles: one grid or several, comma-separated; a bad one stops the parse, not the
+    evaluation after the training."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+        tile_grids(values)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--tiles {text!r}: {error}") from None
+    return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

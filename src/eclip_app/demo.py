@@ -68,6 +68,10 @@ class TimePlan:
     def fits(self) -> bool:
         return self.expected_seconds <= self.budget_seconds
 
+    def step_times(self) -> str:
+        """"eclip 0.292 s, clip 0.244 s": each arm's step as measured (the log and the report)."""
+        return ", ".join(f"{arm} {seconds:.3f} s" for arm, seconds in self.step_seconds.items())
+
 
 def plan_steps(
     budget_seconds: float, spent_seconds: float, step_seconds: dict[str, float], eval_seconds: float,
@@ -169,9 +173,8 @@ def run_demo(
                 step_seconds[objective], probe_model = measure_step_seconds(arm_config(objective, steps), store, Path(scratch) / objective)
                 eval_seconds = max(eval_seconds, measure_eval_seconds(probe_model, heldout))
         plan = plan_steps(time_budget_minutes * 60, time.time() - begin, step_seconds, eval_seconds, steps, math.ceil(MIN_STEP_SHARE * steps))
-        per_step = ", ".join(f"{k} {v:.3f} s" for k, v in step_seconds.items())
         logger.info("time budget %g min: a step takes %s, an evaluation %.0f s: %d steps per arm, about %.1f min in all",
-                    time_budget_minutes, per_step, eval_seconds, plan.steps, plan.expected_seconds / 60)
+                    time_budget_minutes, plan.step_times(), eval_seconds, plan.steps, plan.expected_seconds / 60)
         if not plan.fits:
             logger.warning("this machine needs about %.1f min for the shortest demo that shows the comparison (%d steps per arm), "
                            "over the %g min budget", plan.expected_seconds / 60, plan.steps, time_budget_minutes)
@@ -207,7 +210,7 @@ def run_demo(
     synth_note = f", ShopSynth overrides {' '.join(synth)}" if synth else ""
     budget_note = "" if plan is None else (
         f" Steps fitted to a {time_budget_minutes:g}-minute budget from a step timed at start"
-        f" ({', '.join(f'{k} {v:.3f} s' for k, v in plan.step_seconds.items())}; default {plan.default_steps})."
+        f" ({plan.step_times()}; default {plan.default_steps})."
     )
     report = f"""# eclip demo
 
