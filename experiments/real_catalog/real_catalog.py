@@ -160,19 +160,24 @@ def myntra_catalog(data: Path, work: Path) -> list[Product]:
 
 
 def split_by_product(
-    products: list[Product], n_train: int, n_heldout: int, seed: int, n_validation: int = 0
+    products: list[Product], n_train: int, n_heldout: int, seed: int, n_validation: int = 0, n_extra_train: int = 0
 ) -> tuple[list[Product], list[Product], list[Product]]:
     """Disjoint train / held-out / validation products: a seeded shuffle of the ids, held-out
-    first, then training, then validation (so adding validation changes neither split)."""
+    first, then training, then validation (so adding validation changes neither split), then
+    `n_extra_train` more training products (so a larger training set keeps both evaluation
+    splits the same products)."""
     ids = sorted(p.product_id for p in products)
     random.Random(f"myntra-split-{seed}").shuffle(ids)
-    if n_train + n_heldout + n_validation > len(ids):
-        raise SystemExit(f"asked for {n_train} + {n_heldout} + {n_validation} products, the catalog has {len(ids)}")
+    if n_train + n_heldout + n_validation + n_extra_train > len(ids):
+        raise SystemExit(f"asked for {n_train} + {n_extra_train} + {n_heldout} + {n_validation} products, "
+                         f"the catalog has {len(ids)}")
     by_id = {p.product_id: p for p in products}
     heldout = [by_id[i] for i in ids[:n_heldout]]
     train_ = [by_id[i] for i in ids[n_heldout : n_heldout + n_train]]
     start = n_heldout + n_train
     validation = [by_id[i] for i in ids[start : start + n_validation]]
+    start += n_validation
+    train_ += [by_id[i] for i in ids[start : start + n_extra_train]]
     return train_, heldout, validation
 
 
@@ -222,7 +227,7 @@ def build_config(args: argparse.Namespace, objective: str, catalog: Path):
     config = make_train_config(
         "eclip-lite", objective, catalog=str(catalog), out_dir=str(Path(args.work) / objective),
         steps=args.steps, products_per_batch=args.products_per_batch, images_per_product=args.images_per_product,
-        lr=args.lr, warmup_steps=args.warmup, seed=args.seed, optim=optim, checkpoint_every=args.steps,
+        lr=args.lr, warmup_steps=args.warmup, seed=args.seed, optim=optim, checkpoint_every=min(args.steps, 250),
         keep_checkpoints=1, log_every=max(1, min(10, args.steps // 10)), tensorboard=False,
     )
     config.model.vision.image_size = args.image_size

@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-products", type=int, default=2000)
+    p.add_argument("--extra-train-products", type=int, default=0,
+                   help="more training products, drawn after the validation ones (held-out and validation stay the same)")
     p.add_argument("--heldout-products", type=int, default=1000)
     p.add_argument("--validation-products", type=int, default=300)
     p.add_argument("--scenes-per-product", type=int, default=3, help="training scenes per product")
@@ -175,7 +177,7 @@ def compose_set(products: list[Product], out: Path, regime: str, args, scenes: i
 def prepare(args, work: Path) -> dict:
     products = myntra_catalog(Path(args.data), work)
     train_products, heldout, validation = split_by_product(
-        products, args.train_products, args.heldout_products, args.seed, args.validation_products
+        products, args.train_products, args.heldout_products, args.seed, args.validation_products, args.extra_train_products
     )
     t = time.perf_counter()
     train_scenes = compose_set(train_products, work / "train_scenes", args.train_regime, args, args.scenes_per_product, True)
