@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from eclip.config import LossConfig
 from eclip.losses import ECLIPLoss, multi_positive_infonce, own_text_index, symmetric_infonce
-from eclip.model import ECLIP
+from eclip.model import ECLIP, select_instances
 from eclip.presets import objective_preset
 
 from .conftest import micro_config
@@ -186,3 +186,49 @@ def test_no_positive_anywhere_gives_zero_not_nan():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def _intra_head_model(seed: int = 0) -> ECLIP:
+    torch.manual_seed(seed)
+    config = micro_config()
+    config.decoder.intra_head = True
+    return ECLIP(config)
+
+
+def test_the_intra_objective_contrasts_the_intra_heads_projections():
+    """With `decoder.intra_head` the forward pass returns the instances through the head (unit
+    vectors, one per instance); the intra objective is computed on them, the other objectives
+    on the shared instances, exactly as if the projections were the instances."""
+    model = _intra_head_model()
+    images = torch.randn(8, 3, 32, 32)
+    ids, mask = model.tokenizer([f"product {i} red tee" for i in range(4)])
+    image_pids, text_pids = torch.arange(4).repeat_interleave(2), torch.arange(4)
+    out = model(images, ids, mask)
+    projected = out["intra_instances"]
+    assert projected.shape == out["instances"].shape
+    torch.testing.assert_close(projected.norm(dim=-1), torch.ones(projected.shape[:2]))
+    assert not torch.allclose(projected, out["instances"])
+
+    criterion = ECLIPLoss(LossConfig())
+    losses = criterion(out, image_pids, text_pids)
+    shared = criterion({**out, "intra_instances": None}, image_pids, text_pids)
+    for name in ("global", "inter", "productness"):
+        torch.testing.assert_close(losses[name], shared[name])
+    assert not torch.allclose(losses["intra"], shared["intra"])
+    # by hand: the titles select among the shared instances, the selection pools the projections
+    _, weights = select_instances(out["instances"], out["texts"], "softmax", 0.1)
+    own = weights[torch.arange(8), own_text_index(image_pids, text_pids)].detach()
+    expected = criterion.intra_product(projected, own, image_pids, out["scale_intra"])
+    torch.testing.assert_close(losses["intra"], expected)
+    # the head learns from the intra objective alone
+    losses["intra"].backward()
+    assert model.intra_head.fc1.weight.grad.abs().sum() > 0
+
+
+def test_a_model_without_intra_head_returns_none_for_it():
+    torch.manual_seed(0)
+    model = ECLIP(micro_config())
+    ids, mask = model.tokenizer(["red tee"])
+    out = model(torch.randn(2, 3, 32, 32), ids, mask)
+    assert out["intra_instances"] is None
+    assert not hasattr(model, "intra_head")

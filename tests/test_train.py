@@ -1,11 +1,16 @@
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from eclip import load_model
+from eclip.config import LossConfig
 from eclip.data import load_catalog
 from eclip.evaluation import evaluate
+from eclip.losses import ECLIPLoss
+from eclip.model import ECLIP
 from eclip_app.train import (
     list_checkpoints,
     load_train_config,
@@ -122,3 +127,34 @@ def test_grad_clip_zero_turns_clipping_off(synth_catalog, tmp_path):
     losses = [[r["loss_total"] for r in run.history] for run in (free, unreachable, clipped)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     assert losses[0][-1] != pytest.approx(losses[2][-1], rel=1e-4)
+
+
+def test_an_intra_head_trains_and_is_saved_with_the_model(synth_catalog, tmp_path):
+    """`decoder.intra_head`: steps on one batch lower the intra objective it carries, and a
+    training run saves the head's weights with the model (and loads them back)."""
+    torch.manual_seed(0)
+    model_config = micro_config()
+    model_config.decoder.intra_head = True
+    model = ECLIP(model_config)
+    criterion = ECLIPLoss(LossConfig(global_weight=0.0, inter_weight=0.0, productness_weight=0.0))
+    images = torch.randn(8, 3, 32, 32)
+    ids, mask = model.tokenizer([f"product {i} red tee" for i in range(4)])
+    image_pids, text_pids = torch.arange(4).repeat_interleave(2), torch.arange(4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    intra = []
+    for _ in range(30):
+        loss = criterion(model(images, ids, mask), image_pids, text_pids)["intra"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        intra.append(loss.item())
+    assert sum(intra[-3:]) / 3 < 0.5 * sum(intra[:3]) / 3, intra
+
+    config = _config(synth_catalog["train"], tmp_path / "head", 3)
+    config.model.decoder.intra_head = True
+    result = train(config, progress=False)
+    assert all(math.isfinite(r["loss_intra"]) for r in result.history)
+    weights = load_file(str(tmp_path / "head" / "model" / "model.safetensors"))
+    assert any(name.startswith("intra_head.") for name in weights)
+    loaded = load_model(tmp_path / "head" / "model", device="cpu")
+    torch.testing.assert_close(loaded.intra_head.fc1.weight, result.model.intra_head.fc1.weight)

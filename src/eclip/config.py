@@ -202,6 +202,12 @@ class DecoderConfig(Checked):
     # embedding of a tower that mean-pools: built-in, timm). A pretrained tower's pool already
     # describes the product; with "tokens" the decoder only has to learn where it is.
     instance_features: InstanceFeatures = "decoder"
+    # The intra-product objective reads the instances through a head of its own (an MLP, as
+    # SimCLR's projection head), so the invariance it asks for (one product's photos alike,
+    # every other product apart whatever its category) is learned in that head's space and
+    # need not flatten the shared embedding that retrieval, zero-shot and grounding read.
+    # Training only: inference never runs the head.
+    intra_head: bool = False
 
 
 @dataclass

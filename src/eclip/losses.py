@@ -75,7 +75,8 @@ class ECLIPLoss(nn.Module):
         scales: Mapping[str, torch.Tensor] | None = None,  # by name; None: features' scale_* entries
     ) -> dict[str, torch.Tensor]:
         """`features`: global_embedding (B, D), instances (B, M, D) and productness (B, M), None
-        for the baseline, texts (T, D); and scale_global, scale_inter, scale_intra unless
+        for the baseline, texts (T, D), optionally intra_instances (B, M, D), the instances
+        the intra objective contrasts; and scale_global, scale_inter, scale_intra unless
         `scales` is given. Returns each objective's loss and their weighted "total"."""
         cfg = self.config
         global_embedding, instances, productness, texts = (
@@ -102,7 +103,10 @@ class ECLIPLoss(nn.Module):
                 losses["inter"] = symmetric_infonce(scales["inter"] * scores, positives)
             if cfg.intra_weight:
                 selection = own_weights.detach() if cfg.intra_detach_selection else own_weights
-                losses["intra"] = self.intra_product(instances, selection, image_pids, scales["intra"])
+                # a model with an intra head (DecoderConfig.intra_head) contrasts its projections
+                intra_instances = features.get("intra_instances")
+                intra_instances = instances if intra_instances is None else intra_instances
+                losses["intra"] = self.intra_product(intra_instances, selection, image_pids, scales["intra"])
             if cfg.productness_weight:
                 target = own_weights.detach()
                 log_pred = productness.log_softmax(dim=-1)

@@ -24,6 +24,9 @@ from eclip.model import ECLIP
 
 from .distributed import any_rank, gather_no_grad, gather_with_grad
 
+# the per-image and per-title features of `ECLIP.forward`, in `Features`' field order
+ROWS = ("global_embedding", "instances", "productness", "texts", "intra_instances")
+
 
 @dataclass
 class Features:
@@ -34,16 +37,17 @@ class Features:
     instances: torch.Tensor | None  # (B, M, D)
     productness: torch.Tensor | None  # (B, M)
     texts: torch.Tensor  # (T, D)
+    intra_instances: torch.Tensor | None  # (B, M, D): through the intra head, or None
     scales: dict[str, torch.Tensor]
 
     @staticmethod
     def from_forward(out: dict) -> Features:
         scales = {k.removeprefix("scale_"): v.float() for k, v in out.items() if k.startswith("scale_")}
-        rows = [None if out[k] is None else out[k].float() for k in ("global_embedding", "instances", "productness", "texts")]
+        rows = [None if out.get(k) is None else out[k].float() for k in ROWS]
         return Features(*rows, scales=scales)  # the objectives run in float32
 
     def rows(self) -> tuple:
-        return (self.global_embedding, self.instances, self.productness, self.texts)
+        return tuple(getattr(self, name) for name in ROWS)
 
     def gathered(self) -> Features:
         return Features(*(None if t is None else gather_with_grad(t) for t in self.rows()), scales=self.scales)
@@ -98,7 +102,7 @@ class TrainStep:
     def loss(self, local: Features, image_pids: torch.Tensor, text_pids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses over the global batch: gather every rank's features (with gradients)."""
         full = local.gathered()
-        rows = dict(zip(("global_embedding", "instances", "productness", "texts"), full.rows()))
+        rows = dict(zip(ROWS, full.rows()))
         return self.criterion(rows, gather_no_grad(image_pids), gather_no_grad(text_pids), full.scales)
 
     def __call__(self, batch: Batch, tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepOutput:

@@ -15,6 +15,7 @@ from ..config import INSTANCE_FEATURES, ModelConfig
 from ..devices import resolve_device
 from .decoder import InstanceDecoder
 from .inference import Grounding, ImageEncoding, Inference, select_instances
+from .layers import MLP
 from .towers import build_text_tower, build_vision_tower
 
 __all__ = ["ECLIP", "Grounding", "ImageEncoding", "LogitScale", "scale_gradient", "select_instances"]
@@ -86,6 +87,8 @@ class ECLIP(nn.Module, Inference):
             if config.decoder.instance_features == "decoder":  # "tokens" reuses the image head
                 self.instance_head = nn.Linear(config.decoder.width, config.embed_dim, bias=False)
             self.productness_head = nn.Linear(config.decoder.width, 1)
+            if config.decoder.intra_head:
+                self.intra_head = MLP(config.embed_dim, 2.0)
             self.logit_scales.update({"inter": scale(), "intra": scale()})
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -197,11 +200,15 @@ class ECLIP(nn.Module, Inference):
         already hold that tower's output after its first k (frozen) layers: a feature cache
         computed them once, and only the rest runs here."""
         encoding = self.encode_image(images, vision_frozen_layers)
+        intra_instances = None
+        if encoding.instances is not None and self.config.decoder.intra_head:
+            intra_instances = F.normalize(self.intra_head(encoding.instances), dim=-1)
         return {
             "global_embedding": encoding.global_embedding,  # (B, D)
             "instances": encoding.instances,  # (B, M, D) or None
             "productness": encoding.productness,  # (B, M) or None
             "texts": self.encode_text((token_ids, mask), text_frozen_layers),  # (T, D)
+            "intra_instances": intra_instances,  # (B, M, D) through the intra head, or None
             **{f"scale_{name}": scale() for name, scale in self.logit_scales.items()},
         }
 
