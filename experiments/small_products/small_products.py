@@ -62,6 +62,9 @@ logger = logging.getLogger("eclip.experiments.small")
 
 # candidate box rules: relative to the map's mean (peaked maps) or its maximum (any map)
 BOX_RULES = {
+    # below the mean: a sharply peaked map (run 5's ECLIP chose the lowest threshold, x1)
+    "mean x0.5": BoxRule("mean", 0.5, "largest"),
+    "mean x0.75": BoxRule("mean", 0.75, "largest"),
     "mean x1": BoxRule("mean", 1.0, "largest"),
     "mean x1.5": BoxRule("mean", 1.5, "largest"),
     "mean x2": BoxRule("mean", 2.0, "largest"),
@@ -71,6 +74,8 @@ BOX_RULES = {
     "max 0.7": BoxRule("max", 0.7, "largest"),
     "max 0.8 union": BoxRule("max", 0.8, "union"),
     # the region holding the map's maximum: a small product's peak beside a larger blob
+    "mean x0.5 peak": BoxRule("mean", 0.5, "peak"),
+    "mean x0.75 peak": BoxRule("mean", 0.75, "peak"),
     "mean x1 peak": BoxRule("mean", 1.0, "peak"),
     "mean x1.5 peak": BoxRule("mean", 1.5, "peak"),
     "mean x2 peak": BoxRule("mean", 2.0, "peak"),
