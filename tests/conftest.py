@@ -14,12 +14,13 @@ from eclip.data import ShopSynthConfig, generate, load_catalog  # noqa: E402
 from eclip.data.compose import ComposeConfig, compose_catalog  # noqa: E402
 
 
-def micro_config(decoder: bool = True) -> ModelConfig:
-    """A model small enough for unit tests: 32 px, 4x4 tokens, one layer per tower."""
+def micro_config(decoder: bool = True, intra_head: bool = False) -> ModelConfig:
+    """A model small enough for unit tests: 32 px, 4x4 tokens, one layer per tower
+    (`intra_head`: the decoder's intra objective through a head of its own)."""
     return ModelConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
         text=TextConfig(vocab_size=512, context_length=16, width=32, depth=1, heads=2),
-        decoder=DecoderConfig(num_queries=4, depth=2, width=32, heads=2) if decoder else None,
+        decoder=DecoderConfig(num_queries=4, depth=2, width=32, heads=2, intra_head=intra_head) if decoder else None,
         embed_dim=16,
     )
 

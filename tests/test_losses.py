@@ -188,18 +188,12 @@ def test_no_positive_anywhere_gives_zero_not_nan():
     assert torch.isfinite(logits.grad).all()
 
 
-def _intra_head_model(seed: int = 0) -> ECLIP:
-    torch.manual_seed(seed)
-    config = micro_config()
-    config.decoder.intra_head = True
-    return ECLIP(config)
-
-
 def test_the_intra_objective_contrasts_the_intra_heads_projections():
     """With `decoder.intra_head` the forward pass returns the instances through the head (unit
     vectors, one per instance); the intra objective is computed on them, the other objectives
     on the shared instances, exactly as if the projections were the instances."""
-    model = _intra_head_model()
+    torch.manual_seed(0)
+    model = ECLIP(micro_config(intra_head=True))
     images = torch.randn(8, 3, 32, 32)
     ids, mask = model.tokenizer([f"product {i} red tee" for i in range(4)])
     image_pids, text_pids = torch.arange(4).repeat_interleave(2), torch.arange(4)

@@ -133,9 +133,7 @@ def test_an_intra_head_trains_and_is_saved_with_the_model(synth_catalog, tmp_pat
     """`decoder.intra_head`: steps on one batch lower the intra objective it carries, and a
     training run saves the head's weights with the model (and loads them back)."""
     torch.manual_seed(0)
-    model_config = micro_config()
-    model_config.decoder.intra_head = True
-    model = ECLIP(model_config)
+    model = ECLIP(micro_config(intra_head=True))
     criterion = ECLIPLoss(LossConfig(global_weight=0.0, inter_weight=0.0, productness_weight=0.0))
     images = torch.randn(8, 3, 32, 32)
     ids, mask = model.tokenizer([f"product {i} red tee" for i in range(4)])
@@ -151,7 +149,7 @@ def test_an_intra_head_trains_and_is_saved_with_the_model(synth_catalog, tmp_pat
     assert sum(intra[-3:]) / 3 < 0.5 * sum(intra[:3]) / 3, intra
 
     config = _config(synth_catalog["train"], tmp_path / "head", 3)
-    config.model.decoder.intra_head = True
+    config.model = micro_config(intra_head=True)
     result = train(config, progress=False)
     assert all(math.isfinite(r["loss_intra"]) for r in result.history)
     weights = load_file(str(tmp_path / "head" / "model" / "model.safetensors"))

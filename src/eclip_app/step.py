@@ -43,7 +43,7 @@ class Features:
     @staticmethod
     def from_forward(out: dict) -> Features:
         scales = {k.removeprefix("scale_"): v.float() for k, v in out.items() if k.startswith("scale_")}
-        rows = [None if out.get(k) is None else out[k].float() for k in ROWS]
+        rows = [None if out[k] is None else out[k].float() for k in ROWS]
         return Features(*rows, scales=scales)  # the objectives run in float32
 
     def rows(self) -> tuple:
