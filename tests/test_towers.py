@@ -360,8 +360,9 @@ def test_eclip_lite_forward_shapes_and_stage_levels(lite):
         reference = lite.vision.model.forward_features(lite.vision.renorm(images))  # timm's own forward
     assert encoding.instances.shape == (2, 16, 256) and encoding.attention.shape == (2, 16, 14, 14)
     assert lite.config.decoder.memory_level == 5  # the stride-16 stage
-    # stage by stage is timm's forward, and each stage's map is a level on its own grid
-    torch.testing.assert_close(features.tokens, reference.flatten(2).transpose(1, 2))
+    # stage by stage is timm's forward (in the channels-last layout: its convs sum in another
+    # order), and each stage's map is a level on its own grid
+    torch.testing.assert_close(features.tokens, reference.flatten(2).transpose(1, 2), atol=1e-4, rtol=1e-4)
     assert features.level(5).shape == (2, 14 * 14, 112) and features.level_grid(5) == (14, 14)
     assert lite.vision.level_width(5) == 112 and lite.vision.level_width(0) == 32
     assert features.level(2).shape == (2, 56 * 56, 24) and lite.vision.level_width(2) == 24
@@ -515,3 +516,57 @@ def test_frozen_prefix_of_a_cnn_in_training_is_its_eval_forward():
         training = tower.train().forward_frozen(images, k)
         torch.testing.assert_close(training, cached, rtol=0, atol=1e-6)
         assert not torch.allclose(tower.forward_frozen(images, k + 1), tower.eval().forward_frozen(images, k + 1))
+
+
+
+def test_inference_runs_in_chunks_on_the_cpu_and_gives_the_batch_forward(lite, monkeypatch):
+    """Without gradient and with BatchNorms in eval mode, the vision forward runs a few images
+    at a time on the CPU and gives the whole batch's features (levels too); with gradient, or
+    with a BatchNorm normalising by the batch, it runs the batch whole."""
+    from eclip.model.towers import base
+
+    images = _images(5, 64)
+    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 2 * images[0].numel())  # chunks of 2
+    assert base.inference_chunk(images) == 2 and base.inference_chunk(images[:0]) == 1
+    with torch.no_grad():
+        reference = lite.vision.forward_features_from(images, 0)
+        whole_encoding = lite.encode_image(images)
+    calls = []
+    whole = lite.vision.forward_features_from
+    monkeypatch.setattr(lite.vision, "forward_features_from", lambda x, k: calls.append(len(x)) or whole(x, k))
+    with torch.no_grad():
+        split = lite.vision.forward_features_chunked(images)
+        assert calls == [2, 2, 1]
+        encoding = lite.encode_image(images)
+    torch.testing.assert_close(split.tokens, reference.tokens)
+    torch.testing.assert_close(split.pooled, reference.pooled)  # conv kernels picked per batch size sum in another order
+    torch.testing.assert_close(split.level(5), reference.level(5), atol=1e-4, rtol=1e-4)
+    assert len(split.levels) == len(reference.levels) and split.levels[0].shape == reference.levels[0].shape
+    torch.testing.assert_close(encoding.instances, whole_encoding.instances, atol=1e-5, rtol=1e-4)
+    calls.clear()
+    lite.encode_image(images)  # with gradient: one batch
+    assert calls == [5]
+    calls.clear()
+    lite.vision.train()  # BatchNorms normalise by the batch: one batch
+    try:
+        with torch.no_grad():
+            lite.encode_image(images)
+    finally:
+        lite.vision.eval()
+    assert calls == [5]
+
+
+def test_vision_features_cat_joins_chunks_and_keeps_missing_levels():
+    from eclip.model.towers.base import VisionFeatures
+
+    def part(batch: int) -> VisionFeatures:
+        g = torch.Generator().manual_seed(batch)
+        return VisionFeatures(torch.randn(batch, 4, generator=g), torch.randn(batch, 6, 4, generator=g), (2, 3),
+                              [None, torch.randn(batch, 8, 4, 4, generator=g)])
+
+    a, b = part(2), part(3)
+    joined = VisionFeatures.cat([a, b])
+    assert joined.pooled.shape == (5, 4) and joined.tokens.shape == (5, 6, 4) and joined.grid == (2, 3)
+    assert joined.levels[0] is None and joined.levels[1].shape == (5, 8, 4, 4)
+    torch.testing.assert_close(joined.levels[1][2:], b.levels[1])
+    torch.testing.assert_close(joined.tokens[:2], a.tokens)

@@ -145,7 +145,7 @@ class ECLIP(nn.Module, Inference):
         `frozen_layers` k > 0, the vision tower's `forward_frozen(images, k)` computed earlier
         (a feature cache of a frozen prefix). Moved to the model's device."""
         images = images.to(self.device)
-        features = self.vision.forward_features_from(images, frozen_layers)
+        features = self.vision.forward_features_chunked(images, frozen_layers)
         global_embedding = F.normalize(self.image_head(features.pooled), dim=-1)
         instances = productness = attention = None
         if self.decoder is not None:

@@ -62,6 +62,35 @@ class VisionFeatures:
         x = self._level(index)
         return (x.shape[2], x.shape[3]) if x is not None and x.ndim == 4 else self.grid
 
+    @staticmethod
+    def cat(parts: list[VisionFeatures]) -> VisionFeatures:
+        """The features of consecutive chunks of one batch, as one batch."""
+        first = parts[0]
+        levels = None
+        if first.levels is not None:
+            levels = [None if level is None else torch.cat([p.levels[i] for p in parts]) for i, level in enumerate(first.levels)]
+        return VisionFeatures(torch.cat([p.pooled for p in parts]), torch.cat([p.tokens for p in parts]), first.grid, levels)
+
+
+# A CPU runs a convnet's high-resolution layers several times faster a few images at a time,
+# while their activations stay in its caches, than a whole batch at once: a forward without
+# gradient runs in chunks of about this many input elements (4 images at 320 px) there.
+CPU_CHUNK_ELEMENTS = 4 * 3 * 320 * 320
+
+
+def inference_chunk(x: torch.Tensor) -> int:
+    """How many rows of `x` a forward without gradient runs at once: all of them on an
+    accelerator, a few on a CPU (`CPU_CHUNK_ELEMENTS`)."""
+    if x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    return max(1, CPU_CHUNK_ELEMENTS // max(x[0].numel(), 1)) if x.shape[0] else 1
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether a BatchNorm in `module` normalises by the batch (training mode): then a forward
+    in chunks would not equal the forward of the whole batch."""
+    return any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
 
 def layers_by_prefix(module: nn.Module, stem: tuple[str, ...], blocks: str, num_blocks: int) -> dict[str, int]:
     """Layer index per parameter name: 0 for names starting with a `stem` prefix, i + 1 under
@@ -179,6 +208,14 @@ class VisionTower(_TunableTower):
 
     def forward_features(self, images: torch.Tensor) -> VisionFeatures:
         return self.forward_features_from(images, 0)
+
+    def forward_features_chunked(self, hidden: torch.Tensor, num_frozen_layers: int = 0) -> VisionFeatures:
+        """`forward_features_from`, run in chunks (`inference_chunk`) where that gives the same
+        features: without gradient and with no BatchNorm normalising by the batch."""
+        size = inference_chunk(hidden)
+        if size >= hidden.shape[0] or torch.is_grad_enabled() or uses_batch_statistics(self):
+            return self.forward_features_from(hidden, num_frozen_layers)
+        return VisionFeatures.cat([self.forward_features_from(chunk, num_frozen_layers) for chunk in hidden.split(size)])
 
     def forward(self, images: torch.Tensor) -> VisionFeatures:
         return self.forward_features(images)

@@ -113,7 +113,9 @@ class TimmVision(VisionTower):
             raise NotImplementedError(f"the split forward supports timm EfficientNets, not {type(self.model).__name__}")
         m = self.model
         if index == 0:
-            return m.bn1(m.conv_stem(self.renorm(x)))
+            # channels-last: the layout oneDNN's CPU kernels and GPUs' tensor cores run convs
+            # fastest in; every later layer keeps it
+            return m.bn1(m.conv_stem(self.renorm(x).contiguous(memory_format=torch.channels_last)))
         if self.grad_checkpointing and m.training and torch.is_grad_enabled():
             from timm.models import checkpoint_seq  # block by block, as timm's own forward
 
