@@ -8,7 +8,14 @@ import torch
 import eclip
 from eclip.config import BoxRule, LossConfig, ModelConfig, from_dict, override, to_dict
 from eclip.model import ECLIP, HashTokenizer, select_instances
-from eclip.model.grounding import box_by_rule, box_from_heatmap, box_iou, upsample_heatmap
+from eclip.model.grounding import (
+    box_by_rule,
+    box_from_heatmap,
+    box_iou,
+    otsu_level,
+    peak_point,
+    upsample_heatmap,
+)
 from eclip.model.layers import sine_position_encoding_2d
 from eclip.presets import model_preset
 
@@ -346,6 +353,68 @@ def test_box_rule_mass_keeps_the_highest_pixels_holding_a_share():
     assert box_from_heatmap(np.zeros((8, 8), dtype=np.float32), 0.5, "mass") == (0.0, 0.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="at most 1"):
         BoxRule("mass", 1.5)
+
+
+def test_peak_point_is_the_middle_of_a_plateau_whatever_the_rounding():
+    """A corner token upsampled bilinearly is a flat block: its peak point is the block's
+    middle, and noise at rounding level does not move it; a single-pixel peak is that pixel."""
+    tokens = torch.zeros(1, 4, 4)
+    tokens[0, 0, 3] = 1.0  # the top-right token
+    heat = upsample_heatmap(tokens, (32, 32))[0].numpy()
+    plateau = heat >= heat.max() - 1e-6
+    assert plateau.sum() > 1
+    ys, xs = np.nonzero(plateau)
+    expected = ((xs.mean() + 0.5) / 32, (ys.mean() + 0.5) / 32)
+    assert peak_point(heat) == pytest.approx(expected) and expected[0] > 0.9 and expected[1] < 0.1
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        assert peak_point(heat + rng.uniform(0, 1e-8, heat.shape).astype(np.float32)) == pytest.approx(expected)
+    single = np.zeros((10, 20), dtype=np.float32)
+    single[3, 7] = 1.0
+    assert peak_point(single) == pytest.approx((7.5 / 20, 3.5 / 10))
+
+
+def test_otsu_level_splits_two_classes_and_tracks_the_map():
+    """Otsu's level falls between a bimodal map's two levels, whatever their shares, and
+    agrees with the exhaustive search for the split of least within-class variance."""
+    for share in (0.05, 0.3, 0.7):
+        values = np.full(1000, 0.1)
+        values[: int(share * 1000)] = 0.8
+        assert 0.1 < otsu_level(values) <= 0.8
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.2, 0.05, 700), rng.normal(0.7, 0.08, 300)]).clip(0, 1)
+    candidates = np.unique(values)[1:]
+
+    def within(level):
+        low, high = values[values < level], values[values >= level]
+        return low.size * low.var() + high.size * high.var()
+
+    best = candidates[int(np.argmin([within(c) for c in candidates]))]
+    assert within(otsu_level(values)) <= within(best) * 1.01
+    assert otsu_level(np.full(16, 0.4)) == 0.4  # constant: its value, so every pixel is kept
+
+
+def test_box_rule_otsu_adapts_to_the_product_size():
+    """"otsu": one rule boxes a small product tightly and a large one whole, where any single
+    multiple of the mean boxes one of them wrongly."""
+    small = np.full((40, 40), 0.05, dtype=np.float32)
+    small[4:12, 4:12] = 1.0  # a product 4 % of the area
+    small[20:36, 20:36] = 0.25  # faint clutter, above the mean
+    large = np.full((40, 40), 0.05, dtype=np.float32)
+    large[4:36, 6:34] = 0.55  # a product 56 % of the area, peaked on a part
+    large[10:16, 10:16] = 1.0
+    assert box_from_heatmap(small, 1.0, "otsu") == pytest.approx((4 / 40, 4 / 40, 12 / 40, 12 / 40))
+    assert box_from_heatmap(large, 1.0, "otsu") == pytest.approx((6 / 40, 4 / 40, 34 / 40, 36 / 40))
+    # the mean's multiples: one that boxes the large product whole boxes the clutter beside the
+    # small one, and one high enough to drop the clutter boxes only the large product's peak
+    assert box_from_heatmap(large, 1.0, "mean") == pytest.approx((6 / 40, 4 / 40, 34 / 40, 36 / 40))
+    assert box_from_heatmap(small, 1.0, "mean") == pytest.approx((20 / 40, 20 / 40, 36 / 40, 36 / 40))
+    assert box_from_heatmap(small, 2.1, "mean") == pytest.approx((4 / 40, 4 / 40, 12 / 40, 12 / 40))
+    assert box_from_heatmap(large, 2.1, "mean") == pytest.approx((10 / 40, 10 / 40, 16 / 40, 16 / 40))
+    # a higher multiple of the level keeps less
+    assert box_from_heatmap(large, 2.0, "otsu") == pytest.approx((10 / 40, 10 / 40, 16 / 40, 16 / 40))
+    with pytest.raises(ValueError, match="otsu"):
+        box_from_heatmap(large, 1.0, "median")
 
 
 def test_box_rule_above_mean_boxes_the_product_not_its_peak():

@@ -5,7 +5,8 @@ every regime (`small_products.BOX_RULES`, Acc@IoU0.5 per regime and their mean).
 
 Reads the validation scenes `experiments.small_products.small_products` composed in `--work`
 (same arguments: the split and scenes are rebuilt from the same seed and reused) and trained
-model folders; prints one row per model and rule. A study: it decides the box rule a preset
+model folders; prints one row per model and rule, and the oracle row (each scene's best rule:
+what choosing the threshold per scene could reach). A study: it decides the box rule a preset
 ships with (`ModelConfig.box`).
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from eclip.io import load_model
-from experiments.small_products.small_products import BOX_RULES, box_rule_sweep, prepare
+from experiments.small_products.small_products import BOX_RULES, ORACLE, box_rule_sweep, prepare
 from experiments.small_products.small_products import parse_args as experiment_args
 
 logger = logging.getLogger("eclip.experiments.box_rules")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | rule | " + " | ".join(regimes) + " | mean |\n|---|---|" + "---|" * (len(regimes) + 1))
     for folder, sweep in sweeps.items():
         best = max(BOX_RULES, key=lambda name: np.mean([sweep[r][name] for r in regimes]))
-        for name in BOX_RULES:
+        for name in [*BOX_RULES, ORACLE]:
             cells = [f"{sweep[r][name]:.3f}" for r in regimes]
             mark = " **best**" if name == best else ""
             print(f"| {folder} | {name}{mark} | " + " | ".join(cells) + f" | {np.mean([sweep[r][name] for r in regimes]):.3f} |")

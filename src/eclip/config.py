@@ -22,7 +22,7 @@ InstanceFeatures = Literal["decoder", "tokens"]
 Selection = Literal["softmax", "max"]
 Readout = Literal["instance", "global", "mix"]
 GroundingMap = Literal["attention", "similarity", "contribution"]
-BoxReference = Literal["mean", "max", "mass"]
+BoxReference = Literal["mean", "max", "otsu", "mass"]
 BoxRegion = Literal["largest", "union", "peak"]
 IntraMode = Literal["cross_image", "within_image"]
 
@@ -213,10 +213,11 @@ class DecoderConfig(Checked):
 @dataclass
 class BoxRule(Checked):
     """How a heat map becomes a box. The map, upsampled and rescaled to [0, 1], keeps the pixels
-    at or above `threshold` times its mean (`relative_to="mean"`) or its maximum ("max"), or
-    its highest pixels that together hold `threshold` of its total ("mass", threshold <= 1); the
-    box encloses the largest connected region of them ("largest"), all of them ("union"), or
-    the region holding the map's maximum ("peak")."""
+    at or above `threshold` times its mean (`relative_to="mean"`), its maximum ("max") or its
+    Otsu level ("otsu", the level best splitting its values in two), or its highest pixels that
+    together hold `threshold` of its total ("mass", threshold <= 1); the box encloses the
+    largest connected region of them ("largest"), all of them ("union"), or the region holding
+    the map's maximum ("peak")."""
 
     relative_to: BoxReference = "mean"
     threshold: float = ranged(1.0, gt=0.0)
