@@ -42,7 +42,7 @@ from eclip.data.compose import BACKGROUNDS, regime_config  # noqa: E402
 from eclip.data.transforms import normalize  # noqa: E402
 from eclip.evaluation import evaluate  # noqa: E402
 from eclip.model import ECLIP  # noqa: E402
-from eclip.model.grounding import box_by_rule, box_iou, upsample_heatmap  # noqa: E402
+from eclip.model.grounding import box_by_rule, box_from_heatmap, box_iou, upsample_heatmap  # noqa: E402
 from eclip.scene_eval import evaluate_scenes, scene_table  # noqa: E402
 from eclip.tiling import tile_grids  # noqa: E402
 from eclip_app.train import train  # noqa: E402
@@ -61,6 +61,38 @@ from experiments.real_catalog.real_catalog import (  # noqa: E402
 logger = logging.getLogger("eclip.experiments.small")
 
 # candidate box rules: relative to the map's mean (peaked maps) or its maximum (any map)
+def box_area(box: tuple[float, ...]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+# the thresholds `contrast_box` chooses among, as multiples of the map's mean
+CONTRAST_MULTIPLES = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+
+
+def box_contrast(heatmap: np.ndarray, box: tuple[float, float, float, float], ring: float) -> float:
+    """The map's mean inside `box` less its mean in the ring around it, `ring` x the box's
+    width (height) wide on each side, clipped to the image (0 where nothing is left of it)."""
+    h, w = heatmap.shape
+    x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
+    x1, y1 = max(int(round(box[2] * w)), x0 + 1), max(int(round(box[3] * h)), y0 + 1)
+    dx, dy = max(1, round((x1 - x0) * ring)), max(1, round((y1 - y0) * ring))
+    inside = heatmap[y0:y1, x0:x1]
+    outer = heatmap[max(0, y0 - dy) : min(h, y1 + dy), max(0, x0 - dx) : min(w, x1 + dx)]
+    count = outer.size - inside.size
+    around = (float(outer.sum()) - float(inside.sum())) / count if count else 0.0
+    return float(inside.mean()) - around
+
+
+def contrast_box(heatmap: np.ndarray, ring: float) -> tuple[float, float, float, float]:
+    """Of the boxes every multiple of the mean in `CONTRAST_MULTIPLES` gives (largest region
+    and peak region), the one the map falls off around the most (`box_contrast`): a box too
+    tight has the rest of the product around it, one too loose low values inside."""
+    boxes = sorted({box_from_heatmap(heatmap, m, "mean", r) for m in CONTRAST_MULTIPLES for r in ("largest", "peak")})
+    return max(boxes, key=lambda box: box_contrast(heatmap, box, ring))
+
+
+# candidate rules: a `BoxRule` (what a model can ship with, `ModelConfig.box`) or a function
+# heat map -> box that only this study reads
 BOX_RULES = {
     # below the mean: a sharply peaked map (run 5's ECLIP chose the lowest threshold, x1)
     "mean x0.5": BoxRule("mean", 0.5, "largest"),
@@ -96,7 +128,12 @@ BOX_RULES = {
     "otsu x0.75 peak": BoxRule("otsu", 0.75, "peak"),
     "otsu x1 peak": BoxRule("otsu", 1.0, "peak"),
     "otsu x1.25 peak": BoxRule("otsu", 1.25, "peak"),
+    # the threshold chosen per map, the box the map falls off around the most (run 6b; a
+    # candidate of this study only, not a library rule: it lost)
+    "contrast 0.25": lambda heatmap: contrast_box(heatmap, 0.25),
+    "contrast 0.5": lambda heatmap: contrast_box(heatmap, 0.5),
 }
+SHIPPABLE_RULES = [name for name, rule in BOX_RULES.items() if isinstance(rule, BoxRule)]  # what a model is given
 # not a rule: each scene boxed by whichever rule fits it best, the ceiling of choosing a threshold
 ORACLE = "oracle (best rule per scene)"
 SCENE_COLUMNS = [
@@ -205,14 +242,17 @@ def prepare(args, work: Path) -> dict:
 
 
 @torch.no_grad()
-def box_rule_sweep(model: ECLIP, scene_sets: dict[str, list[Product]], batch_size: int) -> dict[str, dict[str, float]]:
+def box_rule_sweep(model: ECLIP, scene_sets: dict[str, list[Product]], batch_size: int,
+                   areas: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """Acc@IoU0.5 of each candidate rule on the model's own grounding map, per scene set, and
-    of the best rule per scene (`ORACLE`)."""
+    of the best rule per scene (`ORACLE`); `areas`, when given, receives each rule's median
+    ratio of its box's area to the true box's (below 1: too tight, above: too loose)."""
     table: dict[str, dict[str, float]] = {}
     for regime, products in scene_sets.items():
         slots = [(p, i) for p, product in enumerate(products) for i, image in enumerate(product.images) if image.box is not None]
         store = ImageStore(products, model.image_size)
         hits = {name: [] for name in BOX_RULES}
+        ratios = {name: [] for name in BOX_RULES}
         for start in range(0, len(slots), batch_size):
             chunk = slots[start : start + batch_size]
             images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
@@ -221,8 +261,12 @@ def box_rule_sweep(model: ECLIP, scene_sets: dict[str, list[Product]], batch_siz
             for (p, i), heatmap in zip(chunk, upsample_heatmap(maps, tuple(images.shape[-2:])).float().numpy()):
                 box = products[p].images[i].box
                 for name, rule in BOX_RULES.items():
-                    hits[name].append(box_iou(box_by_rule(heatmap, rule), box) >= 0.5)
+                    predicted = box_by_rule(heatmap, rule) if isinstance(rule, BoxRule) else rule(heatmap)
+                    hits[name].append(box_iou(predicted, box) >= 0.5)
+                    ratios[name].append(box_area(predicted) / max(box_area(box), 1e-12))
         table[regime] = {name: float(np.mean(v)) for name, v in hits.items()}
+        if areas is not None:
+            areas[regime] = {name: float(np.median(v)) for name, v in ratios.items()}
         table[regime][ORACLE] = float(np.mean(np.any(list(hits.values()), axis=0)))
     return table
 
@@ -286,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{arm}: stopped by a signal; resume with the same command")
         model = run.model.eval()
         sweep = box_rule_sweep(model, data["scenes"]["validation"], args.eval_batch)
-        best = max(BOX_RULES, key=lambda name: np.mean([sweep[r][name] for r in sweep]))
+        best = max(SHIPPABLE_RULES, key=lambda name: np.mean([sweep[r][name] for r in sweep]))
         model.config = dataclasses.replace(model.config, box=BOX_RULES[best])
         results[arm] = {split: evaluate_split(model, data["clean"][split], data["scenes"][split], args) for split in data["clean"]}
         seconds = None if finished else run.seconds  # a finished arm's training time is in its first results file
