@@ -36,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from eclip.atomic import atomic_write_text  # noqa: E402
 from eclip.config import BoxRule  # noqa: E402
 from eclip.data import ImageStore, Product, load_catalog  # noqa: E402
 from eclip.data.compose import BACKGROUNDS, regime_config  # noqa: E402
@@ -339,9 +340,19 @@ def main(argv: list[str] | None = None) -> int:
                        "samples_per_s": seconds and round(config.steps * config.products_per_batch * config.images_per_product / seconds, 2)}
         logger.info("%s: %s, box rule %s", arm, "evaluated" if finished else f"trained in {run.seconds:.0f} s", best)
     command = "python -m experiments.small_products.small_products " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = {"command": command.strip(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"), "args": vars(args),
-           "results": results, "runs": record}
-    (work / f"results_{args.image_size}{args.tag}.json").write_text(json.dumps(out, indent=2, default=str))
+    stamp = {"command": command.strip(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    path = work / f"results_{args.image_size}{args.tag}.json"
+    # merged into the file's earlier arms: `--arms eclip --resume` re-reads one arm and keeps
+    # the other, and a re-evaluated arm keeps the training time its first run recorded
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    for arm, entry in record.items():
+        entry.update(stamp)
+        earlier = previous.get("runs", {}).get(arm, {})
+        if entry["train_seconds"] is None and earlier.get("train_seconds") is not None:
+            entry["train_seconds"], entry["samples_per_s"] = earlier["train_seconds"], earlier.get("samples_per_s")
+    out = {**stamp, "args": vars(args), "results": {**previous.get("results", {}), **results},
+           "runs": {**previous.get("runs", {}), **record}}
+    atomic_write_text(path, json.dumps(out, indent=2, default=str))
     for split in data["clean"]:
         print(tables(results, split, args.regimes))
     for arm, by_split in results.items():
