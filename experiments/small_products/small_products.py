@@ -92,8 +92,16 @@ def contrast_box(heatmap: np.ndarray, ring: float) -> tuple[float, float, float,
     return max(boxes, key=lambda box: box_contrast(heatmap, box, ring))
 
 
+def shrink_box(box: tuple[float, float, float, float], grid: tuple[int, int], tokens: float) -> tuple[float, float, float, float]:
+    """`box` with each side moved in by `tokens` of the map's token grid (h, w), never past
+    its centre."""
+    dx, dy = tokens / grid[1], tokens / grid[0]
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return (min(box[0] + dx, cx), min(box[1] + dy, cy), max(box[2] - dx, cx), max(box[3] - dy, cy))
+
+
 # candidate rules: a `BoxRule` (what a model can ship with, `ModelConfig.box`) or a function
-# heat map -> box that only this study reads
+# (heat map, token grid (h, w)) -> box that only this study reads
 BOX_RULES = {
     # below the mean: a sharply peaked map (run 5's ECLIP chose the lowest threshold, x1)
     "mean x0.5": BoxRule("mean", 0.5, "largest"),
@@ -131,8 +139,12 @@ BOX_RULES = {
     "otsu x1.25 peak": BoxRule("otsu", 1.25, "peak"),
     # the threshold chosen per map, the box the map falls off around the most (run 6b; a
     # candidate of this study only, not a library rule: it lost)
-    "contrast 0.25": lambda heatmap: contrast_box(heatmap, 0.25),
-    "contrast 0.5": lambda heatmap: contrast_box(heatmap, 0.5),
+    "contrast 0.25": lambda heatmap, grid: contrast_box(heatmap, 0.25),
+    "contrast 0.5": lambda heatmap, grid: contrast_box(heatmap, 0.5),
+    # the upsampled map's halo taken off: each side moved in by a share of a token (run 6c)
+    "mean x1 less 0.5 token": lambda heatmap, grid: shrink_box(box_from_heatmap(heatmap, 1.0, "mean"), grid, 0.5),
+    "mean x1 less 1 token": lambda heatmap, grid: shrink_box(box_from_heatmap(heatmap, 1.0, "mean"), grid, 1.0),
+    "mean x0.75 less 1 token": lambda heatmap, grid: shrink_box(box_from_heatmap(heatmap, 0.75, "mean"), grid, 1.0),
 }
 SHIPPABLE_RULES = [name for name, rule in BOX_RULES.items() if isinstance(rule, BoxRule)]  # what a model is given
 # not a rule: each scene boxed by whichever rule fits it best, the ceiling of choosing a threshold
@@ -259,10 +271,11 @@ def box_rule_sweep(model: ECLIP, scene_sets: dict[str, list[Product]], batch_siz
             images = normalize(torch.stack([store.get(p, i) for p, i in chunk]))
             encoding = model.encode_image(images)
             maps, _ = model.heatmaps_from(encoding, model.encode_text([products[p].title for p, _ in chunk]))
+            grid = tuple(maps.shape[-2:])
             for (p, i), heatmap in zip(chunk, upsample_heatmap(maps, tuple(images.shape[-2:])).float().numpy()):
                 box = products[p].images[i].box
                 for name, rule in BOX_RULES.items():
-                    predicted = box_by_rule(heatmap, rule) if isinstance(rule, BoxRule) else rule(heatmap)
+                    predicted = box_by_rule(heatmap, rule) if isinstance(rule, BoxRule) else rule(heatmap, grid)
                     hits[name].append(box_iou(predicted, box) >= 0.5)
                     ratios[name].append(box_area(predicted) / max(box_area(box), 1e-12))
         table[regime] = {name: float(np.mean(v)) for name, v in hits.items()}
