@@ -61,7 +61,6 @@ from experiments.real_catalog.real_catalog import (  # noqa: E402
 
 logger = logging.getLogger("eclip.experiments.small")
 
-# candidate box rules: relative to the map's mean (peaked maps) or its maximum (any map)
 def box_area(box: tuple[float, ...]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
@@ -100,8 +99,9 @@ def shrink_box(box: tuple[float, float, float, float], grid: tuple[int, int], to
     return (min(box[0] + dx, cx), min(box[1] + dy, cy), max(box[2] - dx, cx), max(box[3] - dy, cy))
 
 
-# candidate rules: a `BoxRule` (what a model can ship with, `ModelConfig.box`) or a function
-# (heat map, token grid (h, w)) -> box that only this study reads
+# candidate box rules, relative to the map's mean (peaked maps), its maximum (any map), its
+# Otsu level or a share of its mass: a `BoxRule` (what a model can ship with,
+# `ModelConfig.box`) or a function (heat map, token grid (h, w)) -> box only this study reads
 BOX_RULES = {
     # below the mean: a sharply peaked map (run 5's ECLIP chose the lowest threshold, x1)
     "mean x0.5": BoxRule("mean", 0.5, "largest"),
