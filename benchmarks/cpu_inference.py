@@ -43,8 +43,8 @@ def previous_prefix(tower: TimmVision, images: torch.Tensor) -> torch.Tensor:
 
 
 def current_prefix(tower: TimmVision, images: torch.Tensor) -> torch.Tensor:
-    """The prefix as the feature cache runs it now (`FeatureCache._run_vision`)."""
-    return torch.cat([tower.forward_frozen(chunk, PREFIX_LAYERS) for chunk in images.split(base.inference_chunk(images))])
+    """The prefix as the feature cache runs it now."""
+    return tower.forward_frozen_chunked(images, PREFIX_LAYERS)
 
 
 def previous_tower(tower: TimmVision, images: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 `eclip-lite` preset, and saving/loading models built on them. Nothing here touches the network:
 tiny models are built from configs, their weights saved to tmp and loaded through `checkpoint`."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -518,19 +519,20 @@ def test_frozen_prefix_of_a_cnn_in_training_is_its_eval_forward():
         assert not torch.allclose(tower.forward_frozen(images, k + 1), tower.eval().forward_frozen(images, k + 1))
 
 
-
 def test_inference_runs_in_chunks_on_the_cpu_and_gives_the_batch_forward(lite, monkeypatch):
     """Without gradient and with BatchNorms in eval mode, the vision forward runs a few images
     at a time on the CPU and gives the whole batch's features (levels too); with gradient, or
     with a BatchNorm normalising by the batch, it runs the batch whole."""
     from eclip.model.towers import base
 
+    trained = copy.deepcopy(lite)  # for training mode, which moves BatchNorm statistics
     images = _images(5, 64)
-    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 2 * images[0].numel())  # chunks of 2
-    assert base.inference_chunk(images) == 2 and base.inference_chunk(images[:0]) == 1
-    with torch.no_grad():
+    with torch.no_grad():  # whole batches: the default chunk holds more than 5 images this small
+        assert base.inference_chunk(images) > 5
         reference = lite.vision.forward_features_from(images, 0)
         whole_encoding = lite.encode_image(images)
+    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 2 * images[0].numel())  # chunks of 2
+    assert base.inference_chunk(images) == 2 and base.inference_chunk(images[:0]) == 1
     calls = []
     whole = lite.vision.forward_features_from
     monkeypatch.setattr(lite.vision, "forward_features_from", lambda x, k: calls.append(len(x)) or whole(x, k))
@@ -539,7 +541,8 @@ def test_inference_runs_in_chunks_on_the_cpu_and_gives_the_batch_forward(lite, m
         assert calls == [2, 2, 1]
         encoding = lite.encode_image(images)
     torch.testing.assert_close(split.tokens, reference.tokens)
-    torch.testing.assert_close(split.pooled, reference.pooled)  # conv kernels picked per batch size sum in another order
+    torch.testing.assert_close(split.pooled, reference.pooled)
+    # conv kernels picked per batch size sum in another order
     torch.testing.assert_close(split.level(5), reference.level(5), atol=1e-4, rtol=1e-4)
     assert len(split.levels) == len(reference.levels) and split.levels[0].shape == reference.levels[0].shape
     torch.testing.assert_close(encoding.instances, whole_encoding.instances, atol=1e-5, rtol=1e-4)
@@ -547,12 +550,11 @@ def test_inference_runs_in_chunks_on_the_cpu_and_gives_the_batch_forward(lite, m
     lite.encode_image(images)  # with gradient: one batch
     assert calls == [5]
     calls.clear()
-    lite.vision.train()  # BatchNorms normalise by the batch: one batch
-    try:
-        with torch.no_grad():
-            lite.encode_image(images)
-    finally:
-        lite.vision.eval()
+    training = trained.vision.forward_features_from
+    monkeypatch.setattr(trained.vision, "forward_features_from", lambda x, k: calls.append(len(x)) or training(x, k))
+    trained.vision.train()  # BatchNorms normalise by the batch: one batch
+    with torch.no_grad():
+        trained.encode_image(images)
     assert calls == [5]
 
 
@@ -570,3 +572,39 @@ def test_vision_features_cat_joins_chunks_and_keeps_missing_levels():
     assert joined.levels[0] is None and joined.levels[1].shape == (5, 8, 4, 4)
     torch.testing.assert_close(joined.levels[1][2:], b.levels[1])
     torch.testing.assert_close(joined.tokens[:2], a.tokens)
+
+
+def test_frozen_prefix_runs_in_chunks_when_its_batchnorms_are_frozen(lite, monkeypatch):
+    """`forward_frozen_chunked` (the feature cache's fill): in chunks without gradient when the
+    prefix's BatchNorms run in eval mode, frozen ones in a training model included; whole when
+    a BatchNorm inside the prefix normalises by the batch, or with gradient."""
+    from eclip.model.towers import base
+
+    tower, images, k = copy.deepcopy(lite.vision), _images(5, 64), 4  # training mode moves BatchNorm statistics
+    monkeypatch.setattr(base, "CPU_CHUNK_ELEMENTS", 2 * images[0].numel())  # chunks of 2
+    calls = []
+    whole = tower.forward_frozen
+    monkeypatch.setattr(tower, "forward_frozen", lambda x, n: calls.append(len(x)) or whole(x, n))
+    layers, _ = tower.param_layers()
+    with torch.no_grad():
+        reference = whole(images, k)
+        torch.testing.assert_close(tower.forward_frozen_chunked(images, k), reference, atol=1e-4, rtol=1e-4)
+        assert calls == [2, 2, 1]
+        calls.clear()
+        for name, p in tower.named_parameters():
+            p.requires_grad_(layers[name] >= k)
+        tower.train()  # the prefix frozen, so in eval mode; the later BatchNorms train
+        assert base.uses_batch_statistics(tower) and not base.uses_batch_statistics(tower, k)
+        torch.testing.assert_close(tower.forward_frozen_chunked(images, k), reference, atol=1e-4, rtol=1e-4)
+        assert calls == [2, 2, 1]
+        calls.clear()
+    tower.forward_frozen_chunked(images, k)  # with gradient: whole
+    assert calls == [5]
+    calls.clear()
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    tower.train()  # nothing frozen: the prefix's BatchNorms normalise by the batch
+    assert base.uses_batch_statistics(tower, k)
+    with torch.no_grad():
+        tower.forward_frozen_chunked(images, k)
+    assert calls == [5]

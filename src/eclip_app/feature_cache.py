@@ -30,7 +30,6 @@ from eclip.data import Batch, ImageStore, PKSampler, Product
 from eclip.data.augmentation import product_batch
 from eclip.data.transforms import normalize
 from eclip.model import ECLIP
-from eclip.model.towers.base import inference_chunk
 
 from .optim import apply_freezing, frozen_prefix
 from .training.data import product_groups
@@ -232,9 +231,7 @@ class FeatureCache:
     # -- the frozen prefixes
 
     def _run_vision(self, images: torch.Tensor) -> torch.Tensor:
-        # in chunks: the prefix's BatchNorms are frozen (eval mode), so chunking changes nothing
-        size = inference_chunk(images)
-        return torch.cat([self.model.vision.forward_frozen(chunk, self.vision_layers) for chunk in images.split(size)])
+        return self.model.vision.forward_frozen_chunked(images, self.vision_layers)
 
     def _run_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.text.forward_frozen(ids, mask, self.text_layers)

@@ -86,10 +86,20 @@ def inference_chunk(x: torch.Tensor) -> int:
     return max(1, CPU_CHUNK_ELEMENTS // max(x[0].numel(), 1)) if x.shape[0] else 1
 
 
-def uses_batch_statistics(module: nn.Module) -> bool:
+def uses_batch_statistics(module: _TunableTower, below_layer: int | None = None) -> bool:
     """Whether a BatchNorm in `module` normalises by the batch (training mode): then a forward
-    in chunks would not equal the forward of the whole batch."""
-    return any(m.training for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    in chunks would not equal the forward of the whole batch. `below_layer` k: only the
+    BatchNorms of the tower's layers 0..k-1 (`param_layers`); one without parameters to place
+    it counts wherever it is."""
+    training = [(name, m) for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not training or below_layer is None:
+        return bool(training)
+    layers = module.param_layers()[0]
+    for name, m in training:
+        placed = [layers.get(f"{name}.{p}") for p, _ in m.named_parameters(recurse=False)]
+        if not placed or any(layer is None or layer < below_layer for layer in placed):
+            return True
+    return False
 
 
 def layers_by_prefix(module: nn.Module, stem: tuple[str, ...], blocks: str, num_blocks: int) -> dict[str, int]:
@@ -208,6 +218,15 @@ class VisionTower(_TunableTower):
 
     def forward_features(self, images: torch.Tensor) -> VisionFeatures:
         return self.forward_features_from(images, 0)
+
+    def forward_frozen_chunked(self, images: torch.Tensor, num_frozen_layers: int) -> torch.Tensor:
+        """`forward_frozen`, run in chunks (`inference_chunk`) where that gives the same output:
+        without gradient and with no BatchNorm of those layers normalising by the batch (a
+        frozen prefix's run in eval mode, so a feature cache's fill is chunked in training too)."""
+        size = inference_chunk(images)
+        if size >= images.shape[0] or torch.is_grad_enabled() or uses_batch_statistics(self, num_frozen_layers):
+            return self.forward_frozen(images, num_frozen_layers)
+        return torch.cat([self.forward_frozen(chunk, num_frozen_layers) for chunk in images.split(size)])
 
     def forward_features_chunked(self, hidden: torch.Tensor, num_frozen_layers: int = 0) -> VisionFeatures:
         """`forward_features_from`, run in chunks (`inference_chunk`) where that gives the same
